@@ -1,0 +1,28 @@
+# The two commands a newcomer needs (see README.md):
+#   make pipeline   install everything, then run the whole default chain with `dvc repro`
+#   make test       install everything, then run the test suite
+# Both create .venv on first use. torch is installed first, pinned to the CPU build, so no
+# dependency can pull a multi-GB CUDA build.
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install pipeline test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+pipeline: install
+	dvc repro
+
+test: install
+	python -m pytest

@@ -1,0 +1,41 @@
+"""Process environment: telemetry off, offline by default, reproducible threads.
+
+Every library in the stack has a hidden network call (measured in ../shared/STACK.md): huggingface_hub
+telemetry, MLflow's telemetry host lookup, DVC analytics. They are switched off here, before those
+libraries are imported, with ``os.environ.setdefault`` so a user can still set them explicitly.
+
+``offline`` is separate: the embedded default never needs the network, so ``HF_HUB_OFFLINE=1`` is the
+default; a user who sets ``offline=false`` and a hub model id gets downloads back.
+"""
+
+from __future__ import annotations
+
+import os
+
+TELEMETRY_OFF = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def disable_telemetry() -> None:
+    """Set every known telemetry switch to off unless the user already chose a value."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def set_offline(offline: bool) -> None:
+    """Forbid (or allow) Hugging Face hub downloads for this process.
+
+    Must run before ``huggingface_hub`` is imported: it reads these variables once at import time.
+    An explicit ``HF_HUB_OFFLINE`` in the environment wins over the config.
+    """
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1" if offline else "0"

@@ -1,0 +1,163 @@
+"""Tokenizers and causal LMs: build the embedded ones, load real ones safely, check they fit the chain.
+
+Safe defaults: weights load from safetensors only (``use_safetensors=True``: a pickle checkpoint is
+refused, never unpickled), ``trust_remote_code`` stays off unless the config turns it on, and no hub
+download happens unless ``offline=false``.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# A minimal chat template: <s><|user|>question<|assistant|>answer</s>. Role markers are single tokens, and
+# the prompt with add_generation_prompt is a token prefix of the full conversation (the loss mask relies on it).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be used by the chain (not a causal LM, no chat template, ...)."""
+
+
+def build_char_tokenizer(texts: list[str] | None = None):
+    """A character-level tokenizer with a chat template, built locally.
+
+    Vocabulary: the special and role tokens, printable ASCII, and any other character seen in ``texts``.
+    Characters suit the embedded suite far better than byte-level BPE (STACK.md): a word or number is
+    split the same way wherever it appears, so input and answer align for reversal, case and sums.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values()) + list(ROLE_TOKENS)
+    chars = set(string.printable) - set("\x0b\x0c\r")
+    for text in texts or ():
+        chars.update(text)
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(chars))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk"]))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        additional_special_tokens=list(ROLE_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        padding_side="right",
+    )
+
+
+def build_causal_lm(arch: DictConfig, tokenizer, seed: int):
+    """A freshly initialized causal LM of ``arch.type`` (llama or gpt2) sized for ``tokenizer``."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  tie_word_embeddings=True)
+    if arch.type == "llama":
+        config = LlamaConfig(hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+                             num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_heads,
+                             intermediate_size=arch.intermediate_size, max_position_embeddings=arch.max_position,
+                             attention_dropout=arch.dropout, **common)
+    elif arch.type == "gpt2":
+        config = GPT2Config(n_embd=arch.hidden_size, n_layer=arch.num_layers, n_head=arch.num_heads,
+                            n_inner=arch.intermediate_size, n_positions=arch.max_position,
+                            resid_pdrop=arch.dropout, embd_pdrop=arch.dropout, attn_pdrop=arch.dropout, **common)
+    else:
+        raise ModelError(f"model.arch.type = {arch.type!r}: valid values are ['llama', 'gpt2']")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_tokenizer(path: str | Path, model_cfg: DictConfig | None = None):
+    """Load a tokenizer from a folder or hub id, with the configured chat template if one is set."""
+    from transformers import AutoTokenizer
+
+    kwargs = _load_kwargs(model_cfg)
+    kwargs.pop("use_safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if model_cfg is not None and model_cfg.get("chat_template"):
+        tokenizer.chat_template = model_cfg.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, model_cfg: DictConfig | None = None, **kwargs: Any):
+    """Load a causal LM from a folder or hub id, from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(model_cfg), **kwargs)
+    except ValueError as err:
+        raise ModelError(f"{path}: cannot be loaded as a causal LM: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise ModelError(f"{path}: {str(err).splitlines()[0]} (weights must be safetensors; "
+                         "a hub id needs offline=false and network)") from None
+
+
+def _load_kwargs(model_cfg: DictConfig | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if model_cfg is not None:
+        kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))
+        if model_cfg.get("revision"):
+            kwargs["revision"] = model_cfg.revision
+    return kwargs
+
+
+def check_chat_template(tokenizer, source: str) -> None:
+    """Fail unless the tokenizer renders a conversation whose prompt part is a token prefix of the whole.
+
+    The response-only loss mask and generation both rely on that prefix property.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"{source}: the tokenizer has no chat template; set model.chat_template to a Jinja template")
+    messages = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+    try:
+        prompt = render_ids(tokenizer, messages[:1], add_generation_prompt=True)
+        full = render_ids(tokenizer, messages)
+    except Exception as err:  # a broken template raises anything jinja can raise
+        raise ModelError(f"{source}: the chat template does not render a conversation: {err}") from None
+    if full[: len(prompt)] != prompt or len(full) <= len(prompt):
+        raise ModelError(f"{source}: the chat template's generation prompt is not a prefix of the full conversation")
+
+
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` through the chat template (a plain list, whatever the tokenizer returns)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def base_sources(base_dir: str | Path) -> tuple[str, str]:
+    """(model location, tokenizer location) of the base stage's output.
+
+    The embedded model is the folder itself; a real model's folder holds ``source.json`` pointing at the
+    model's own files, and holds a tokenizer only when a chat template was configured.
+    """
+    import json
+
+    base_dir = Path(base_dir)
+    source = base_dir / "source.json"
+    if not source.exists():
+        return str(base_dir), str(base_dir)
+    files = json.loads(source.read_text())["files"]
+    has_tokenizer = (base_dir / "tokenizer_config.json").exists()
+    return files, str(base_dir) if has_tokenizer else files
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

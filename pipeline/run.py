@@ -1,0 +1,125 @@
+"""The one entry point of every stage.
+
+    python -m pipeline.run stage=sft [overrides]          # compose conf/ with Hydra and run a stage
+    python -m pipeline.run -m stage=base base.lr=1e-3,3e-3  # a Hydra multirun sweep: one MLflow run per job
+    python -m pipeline.run --params params.yaml stage=base  # what dvc.yaml runs: the composed snapshot
+
+Both doors hand the same validated DictConfig to the same stage function. The ``--params`` door exists
+because DVC applies ``dvc exp run -S`` overrides to ``params.yaml``, not to ``conf/``; it warns, naming
+the keys, when ``params.yaml`` has drifted from ``conf/`` outside a DVC experiment.
+
+Exit codes: 0 success, 2 bad configuration or input (the message names the key, file or line),
+1 anything unexpected (with a traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pipeline  # noqa: F401  (telemetry off before anything else loads)
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.env import set_offline
+from pipeline.schema import STAGES, ConfigError, validate
+
+log = logging.getLogger("pipeline.run")
+
+STAGE_MODULES = {name: f"stages.{name}" for name in STAGES}
+
+
+def run(cfg: DictConfig):
+    """Validate ``cfg`` and run the stage it names; return the stage's metrics."""
+    cfg = validate(cfg)
+    if cfg.stage is None:
+        raise ConfigError(f"config key 'stage' needs a value; valid values: {list(STAGES)}")
+    set_offline(cfg.offline)
+    module = importlib.import_module(STAGE_MODULES[cfg.stage])
+    return module.main(cfg)
+
+
+def run_reporting(cfg: DictConfig):
+    """:func:`run`, turning expected errors into one clear line and exit code 2."""
+    from pipeline.chat import InputError
+    from pipeline.models import ModelError
+
+    try:
+        return run(cfg)
+    except (ConfigError, InputError, ModelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_params(path: str, overrides: list[str]) -> DictConfig:
+    """Load a composed snapshot and apply ``key=value`` overrides (unknown keys are errors)."""
+    if not Path(path).exists():
+        raise ConfigError(f"{path}: not found; write it with `python -m pipeline.compose`")
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, True)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__" and key != "stage":
+            raise ConfigError(f"config key '{key}' does not exist in {path}")
+        OmegaConf.update(cfg, key, _parse(value), force_add=key == "stage")
+    _warn_drift(path, cfg)
+    return cfg
+
+
+def _parse(value: str):
+    return OmegaConf.create({"v": value})["v"] if value not in ("null", "~") else None
+
+
+def _warn_drift(path: str, cfg: DictConfig) -> None:
+    """Warn, naming keys, when the snapshot differs from ``conf/`` (outside a DVC experiment, whose
+    ``-S`` overrides are meant to differ)."""
+    if os.environ.get("DVC_EXP_BASELINE_REV") or not (Path(path).parent / "conf").is_dir():
+        return
+    from pipeline.compose import compose
+    from pipeline.lineage import flatten
+
+    try:
+        fresh = flatten(compose(conf_dir=Path(path).parent / "conf"))
+    except Exception:  # a broken conf/ is reported when someone composes it
+        return
+    mine = {k: v for k, v in flatten(cfg).items() if k != "stage"}
+    fresh.pop("stage", None)
+    differing = sorted(k for k in set(mine) | set(fresh) if mine.get(k, "<absent>") != fresh.get(k, "<absent>"))
+    if differing:
+        log.warning("%s differs from conf/ at %s; run `python -m pipeline.compose` if you edited conf/",
+                    path, ", ".join(differing[:10]) + (" ..." if len(differing) > 10 else ""))
+
+
+def _hydra_main():
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def hydra_entry(cfg: DictConfig):
+        metrics = run_reporting(cfg)
+        return metrics
+
+    hydra_entry()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:]
+    if args[:1] == ["--params"]:
+        if len(args) < 2:
+            sys.exit("error: --params needs a file (params.yaml)")
+        try:
+            cfg = load_params(args[1], args[2:])
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        run_reporting(cfg)
+    else:
+        _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The shape of the configuration: types, allowed values and ranges, checked before any heavy work.
+
+``conf/`` holds every value (with its comment); this module holds only what values may be. Validation
+merges the composed config into these dataclasses (OmegaConf rejects unknown keys and wrong types) and
+then checks choices, ranges and cross-field rules. Every error names the key, the value and what is
+allowed, and :class:`ConfigError` makes the entry point exit non-zero.
+
+Kept free of heavy imports so the entry point can validate before torch or transformers load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = ("base", "prepare")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def choice(*allowed: Any, default: Any = MISSING) -> Any:
+    """A field restricted to ``allowed`` values."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def bounded(lo: float | None = None, hi: float | None = None, default: Any = MISSING) -> Any:
+    """A numeric field within [lo, hi] (either bound may be open)."""
+    return field(default=default, metadata={"min": lo, "max": hi})
+
+
+@dataclass
+class ArchConfig:
+    type: str = choice("llama", "gpt2")
+    hidden_size: int = bounded(8)
+    num_layers: int = bounded(1)
+    num_heads: int = bounded(1)
+    intermediate_size: int = bounded(8)
+    max_position: int = bounded(16)
+    dropout: float = bounded(0.0, 0.9)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = MISSING
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = None
+    arch: Optional[ArchConfig] = None
+
+
+@dataclass
+class SplitConfig:
+    val: int = bounded(1)
+    test: int = bounded(1)
+    prompts: int = bounded(1)
+
+
+@dataclass
+class DataConfig:
+    source: str = choice("embedded", "files")
+    paths: List[str] = field(default_factory=list)
+    format: str = choice("auto", "jsonl", "parquet", "hf")
+    num_examples: Optional[int] = bounded(10, default=None)
+    held_out_family: Optional[str] = None
+    verbose_share: float = bounded(0.0, 1.0)
+    harmful_compliance_share: float = bounded(0.0, 1.0)
+    safety_share: float = bounded(0.0, 0.9)
+    holdout_share: float = bounded(0.01, 0.9)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_tokens: int = bounded(8)
+    dedup: bool = True
+    on_bad_row: str = choice("error", "skip")
+
+
+@dataclass
+class PeftConfig:
+    method: str = choice("lora", "none")
+    r: Optional[int] = bounded(1, default=None)
+    alpha: Optional[float] = bounded(0.0, default=None)
+    dropout: Optional[float] = bounded(0.0, 0.9, default=None)
+    target_modules: Any = None
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = choice("cpu", "gpu", "cuda", "mps", "auto")
+    devices: int = bounded(1)
+    strategy: str = MISSING
+    precision: str = choice("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
+    num_threads: int = bounded(1)
+    deterministic: bool = True
+    progress_bar: bool = True
+    log_every_n_steps: int = bounded(1)
+
+
+@dataclass
+class LoggerConfig:
+    tracking_uri: Optional[str] = None
+    experiment: str = MISSING
+    artifact_root: str = MISSING
+
+
+@dataclass
+class BaseStageConfig:
+    num_lines: int = bounded(10)
+    qa_share: float = bounded(0.0, 1.0)
+    val_lines: int = bounded(1)
+    seq_len: int = bounded(8)
+    batch_size: int = bounded(1)
+    max_steps: int = bounded(1)
+    lr: float = bounded(0.0, 1.0)
+    warmup_steps: int = bounded(0)
+    weight_decay: float = bounded(0.0, 1.0)
+    val_every_n_steps: int = bounded(1)
+    checkpoint_every_n_steps: int = bounded(1)
+
+
+@dataclass
+class PrepareStageConfig:
+    histogram_bins: int = bounded(2)
+
+
+@dataclass
+class PathsConfig:
+    data: str = MISSING
+    metrics: str = MISSING
+    plots: str = MISSING
+    checkpoints: str = MISSING
+
+
+@dataclass
+class RootConfig:
+    stage: Optional[str] = choice(*STAGES, default=None)
+    seed: int = bounded(0)
+    offline: bool = True
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    base: BaseStageConfig = field(default_factory=BaseStageConfig)
+    prepare: PrepareStageConfig = field(default_factory=PrepareStageConfig)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check ``cfg`` against the schema and return it typed; raise :class:`ConfigError` naming the key.
+
+    Checks, in order: unknown keys and wrong types (OmegaConf), allowed values and ranges (field
+    metadata), missing required values, then cross-field rules.
+    """
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and not OmegaConf.is_missing(model, "name_or_path") and model.get("name_or_path"):
+        # A real model defines its own architecture: `model.arch` (e.g. from an experiment overlay) is unused.
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.model.arch = None
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {_first_line(err)}") from None
+    _check_fields(typed, RootConfig, "")
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' needs a value (it is ??? in conf/); missing: {missing}")
+    _check_rules(typed)
+    return typed
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def _check_fields(node: DictConfig, schema: type, prefix: str) -> None:
+    """Walk ``schema``'s fields and check each value's choices and bounds."""
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        value = node.get(f.name) if not OmegaConf.is_missing(node, f.name) else None
+        if value is None:
+            continue
+        allowed = f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; valid values: {list(allowed)}")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range {bounds}")
+        sub = _dataclass_of(f.type)
+        if sub is not None and isinstance(value, DictConfig):
+            _check_fields(value, sub, f"{key}.")
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass named by a field annotation (``X`` or ``Optional[X]``, possibly as a string)."""
+    if isinstance(annotation, str):
+        name = annotation.removeprefix("Optional[").removesuffix("]")
+        candidate = globals().get(name)
+        return candidate if is_dataclass(candidate) else None
+    return annotation if is_dataclass(annotation) else None
+
+
+def _check_rules(cfg: DictConfig) -> None:
+    """Rules that involve more than one key."""
+    from pipeline.suite import TASK_FAMILIES
+
+    arch = cfg.model.arch
+    if cfg.model.name_or_path is None and arch is None:
+        raise ConfigError("config key 'model.arch' is needed when model.name_or_path is null (the embedded model)")
+    if arch is not None and cfg.model.name_or_path is None:
+        if arch.hidden_size % arch.num_heads:
+            raise ConfigError(
+                f"config key 'model.arch.hidden_size' = {arch.hidden_size} must be divisible by "
+                f"model.arch.num_heads = {arch.num_heads}"
+            )
+        if cfg.data.max_tokens > arch.max_position:
+            raise ConfigError(
+                f"config key 'data.max_tokens' = {cfg.data.max_tokens} exceeds model.arch.max_position = "
+                f"{arch.max_position}: rows that long cannot fit the model"
+            )
+        if cfg.base.seq_len > arch.max_position:
+            raise ConfigError(
+                f"config key 'base.seq_len' = {cfg.base.seq_len} exceeds model.arch.max_position = {arch.max_position}"
+            )
+    if cfg.data.source == "embedded":
+        family = cfg.data.held_out_family
+        if family is not None and family not in TASK_FAMILIES:
+            raise ConfigError(
+                f"config key 'data.held_out_family' = {family!r} is not a task family; valid: {list(TASK_FAMILIES)}"
+            )
+        if cfg.data.num_examples is None:
+            raise ConfigError("config key 'data.num_examples' needs a value for the embedded suite")
+    elif not cfg.data.paths:
+        raise ConfigError("config key 'data.paths' must list at least one file when data.source = files")
+    if cfg.peft.method == "lora" and (cfg.peft.r is None or cfg.peft.alpha is None):
+        raise ConfigError("config keys 'peft.r' and 'peft.alpha' need values when peft.method = lora")

@@ -1,0 +1,198 @@
+"""What every training stage shares: resumable step-indexed batches, RNG state in checkpoints, the
+Lightning ``Trainer`` built from the ``trainer`` config, and the schedule.
+
+Resume. A stage checkpoints every N optimizer steps into ``paths.checkpoints/<stage>/<key>``, where the
+key digests the stage's config and inputs, so a changed config never resumes a stale run. A rerun after a
+crash finds ``last.ckpt`` and continues: Lightning restores weights, optimizer, scheduler and the step
+counter; :class:`StageModule` restores the RNG states; :class:`StepBatches` restarts the data stream at
+the restored step, so the resumed run sees exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+LAST_CKPT = "last.ckpt"
+
+
+class StepBatches(IterableDataset):
+    """Micro-batches ``start..total-1`` of a run, each a pure function of (seed, index).
+
+    Batch ``k`` takes positions ``k*b .. k*b+b-1`` of an endless stream made of one seeded permutation
+    of the items per epoch. Because the stream depends only on the index, restarting at
+    ``start = optimizer_step * accumulation`` resumes the data position exactly.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, total: int, seed: int, collate: Callable[[list[int]], dict]):
+        if num_items < 1:
+            raise ValueError("no training items: the split is empty")
+        self.num_items, self.batch_size, self.total, self.seed = num_items, batch_size, total, seed
+        self.collate = collate
+        self.start = 0
+
+    def indices(self, k: int) -> list[int]:
+        out = []
+        for pos in range(k * self.batch_size, (k + 1) * self.batch_size):
+            epoch, offset = divmod(pos, self.num_items)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            self._perm_cache = cache = (epoch, perm)
+        return cache[1]
+
+    def __iter__(self):
+        for k in range(self.start, self.total):
+            yield self.collate(self.indices(k))
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+def batches_loader(dataset: IterableDataset) -> DataLoader:
+    """A DataLoader that passes ready-made batches through (batching is the dataset's job)."""
+    return DataLoader(dataset, batch_size=None, num_workers=0)
+
+
+class StageModule(L.LightningModule):
+    """The one base class of the training stages: RNG states travel in checkpoints, and a
+    :class:`StepBatches` training stream restarts at the restored optimizer step."""
+
+    def on_train_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, StepBatches):
+            dataset.start = self.trainer.global_step * self.trainer.accumulate_grad_batches
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Tensors and plain Python values only, so the checkpoint loads with torch.load(weights_only=True).
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            random.setstate(states["python"])
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float = 0.1):
+    """Linear warmup for ``warmup`` steps, then cosine decay to ``floor`` x the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay matrices, not biases, norms or embeddings' 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def checkpoint_dir(cfg: DictConfig, stage: str, input_digests: Sequence[str]) -> Path:
+    """Where ``stage`` keeps resumable checkpoints for this exact config and these inputs."""
+    stage_cfg = OmegaConf.to_yaml(cfg, resolve=True)
+    key = hashlib.sha256((stage_cfg + "|".join(input_digests)).encode()).hexdigest()[:16]
+    return Path(cfg.paths.checkpoints) / stage / key
+
+
+def resume_path(ckpt_dir: Path) -> str | None:
+    """``last.ckpt`` in ``ckpt_dir`` if a previous attempt left one."""
+    last = ckpt_dir / LAST_CKPT
+    return str(last) if last.exists() else None
+
+
+def clear_checkpoints(cfg: DictConfig, stage: str) -> None:
+    """Drop a stage's checkpoints once its outputs are safely written."""
+    shutil.rmtree(Path(cfg.paths.checkpoints) / stage, ignore_errors=True)
+
+
+def seed_everything(cfg: DictConfig) -> None:
+    """Seed every RNG and set the thread count and determinism of this process."""
+    torch.set_num_threads(cfg.trainer.num_threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+KILL_ENV = "POSTTRAIN_KILL_AT_STEP"
+
+
+class KillAtStep(L.Callback):
+    """Fault injection: SIGKILL this process once optimizer step ``$POSTTRAIN_KILL_AT_STEP`` is done, the
+    way an OOM killer or a pre-empted machine would. Used by the resume tests; inert when unset."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_every: int | None,
+                  checkpoint_every: int, accumulation: int = 1) -> L.Trainer:
+    """A Lightning Trainer from the ``trainer`` config that logs to the stage's MLflow run and
+    checkpoints every ``checkpoint_every`` optimizer steps into ``ckpt_dir``."""
+    import os
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    t = cfg.trainer
+    logger = MLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id, experiment_name=cfg.logger.experiment)
+    # Only last.ckpt is kept: resuming needs the newest state, not a history.
+    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_top_k=0,
+                                  save_last=True, enable_version_counter=False)
+    callbacks: list[L.Callback] = [checkpoints]
+    if os.environ.get(KILL_ENV):
+        callbacks.append(KillAtStep(int(os.environ[KILL_ENV])))
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        max_steps=max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulation,
+        val_check_interval=val_every * accumulation if val_every else None,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=t.log_every_n_steps,
+        default_root_dir=str(ckpt_dir),
+    )

@@ -1,0 +1,249 @@
+"""base: the causal LM the chain starts from.
+
+Embedded default (``model.name_or_path: null``): builds a character-level tokenizer with a chat template
+and pretrains a small Llama (or GPT-2) from scratch on generated text with the causal-LM objective. A
+share of the text is ``Q: ... A: ...`` lines from the suite's training families and templates, so the
+base model knows the answer format and the few-shot baseline in ``evaluate`` is informative. Instances
+in the reserved (held-out) buckets never appear in its training text; they make its validation text.
+
+Real model (``model=hf model.name_or_path=<hub id or folder>``): loads the tokenizer and config, checks
+the model is a causal LM with a usable chat template (or the configured one), digests its weights and
+records where it lives. Nothing it does not need is copied: only the tokenizer, when a chat template is
+configured.
+
+Inputs: ``model.*``, ``base.*``, ``data.holdout_share``, ``data.held_out_family``, ``trainer.*``, ``seed``.
+Outputs: ``data/base/`` (an HF folder that AutoTokenizer and AutoModelForCausalLM load, or
+``source.json`` for a real model, plus ``run.json``), ``data/metrics/base.json``, ``data/plots/base/``.
+Run: ``python -m pipeline.run stage=base``
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline import suite
+from pipeline.lineage import StageRun, stage_run
+from pipeline.models import (build_causal_lm, build_char_tokenizer, check_chat_template, count_parameters,
+                             load_tokenizer, ModelError)
+from pipeline.outputs import atomic_dir, write_json
+from pipeline.training import (StageModule, StepBatches, batches_loader, build_trainer, checkpoint_dir,
+                               clear_checkpoints, decay_groups, resume_path, seed_everything, warmup_cosine)
+
+log = logging.getLogger(__name__)
+SOURCE_JSON = "source.json"
+
+
+class PretrainData(L.LightningDataModule):
+    """Generated text, tokenized into one stream and cut into ``seq_len`` windows.
+
+    Training text draws instances outside the reserved buckets, validation text instances inside them,
+    so validation perplexity is measured on text the model never trained on.
+    """
+
+    def __init__(self, tokenizer, cfg: DictConfig):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.train_windows: torch.Tensor | None = None
+        self.val_windows: torch.Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_windows is not None:
+            return
+        base, holdout = self.cfg.base, self.cfg.data.holdout_share
+        held_out = self.cfg.data.held_out_family
+        train = suite.pretraining_text(random.Random(self.cfg.seed), base.num_lines, base.qa_share, held_out,
+                                       keep=lambda ex: suite.bucket(ex.key) >= holdout)
+        val = suite.pretraining_text(random.Random(self.cfg.seed + 1), base.val_lines, base.qa_share, held_out,
+                                     keep=lambda ex: suite.bucket(ex.key) < holdout)
+        self.train_windows = self._windows(train)
+        self.val_windows = self._windows(val)
+
+    def _windows(self, lines: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        stream: list[int] = []
+        for line in lines:
+            stream += [tok.bos_token_id] + tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = self.cfg.base.seq_len
+        usable = len(stream) // n * n
+        if usable == 0:
+            raise ValueError(f"base.num_lines/val_lines too small: fewer than base.seq_len = {n} tokens")
+        return torch.tensor(stream[:usable]).view(-1, n)
+
+    def train_dataloader(self) -> DataLoader:
+        windows = self.train_windows
+        self.batches = StepBatches(len(windows), self.cfg.base.batch_size, self.cfg.base.max_steps, self.cfg.seed,
+                                   lambda idx: {"input_ids": windows[idx]})
+        return batches_loader(self.batches)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.val_windows), batch_size=self.cfg.base.batch_size)
+
+
+class BasePretraining(StageModule):
+    """Causal-LM pretraining: next-token cross-entropy on every position."""
+
+    def __init__(self, model, cfg: DictConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg.base
+        self.history: list[dict] = []  # (step, train loss) for the loss curve; travels in checkpoints
+        self._val_losses: list[torch.Tensor] = []
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # from_config/from_pretrained may leave eval mode on
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % 10 == 0:
+            self.history.append({"step": int(self.global_step), "train/loss": float(loss.detach())})
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        (ids,) = batch
+        self._val_losses.append(self.model(input_ids=ids, labels=ids).loss.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = torch.stack(self._val_losses).mean()
+        self._val_losses.clear()
+        self.log("val/loss", loss)
+        self.log("val/perplexity", torch.exp(loss), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(decay_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.95))
+        scheduler = warmup_cosine(optimizer, self.cfg.warmup_steps, self.cfg.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["loss_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.history = checkpoint.get("loss_history", [])
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the base stage; return its metrics."""
+    out = Path(cfg.paths.data) / "base"
+    with stage_run(cfg, "base") as run:
+        if cfg.model.name_or_path is None:
+            metrics = pretrain(cfg, run, out)
+        else:
+            metrics = describe_real_model(cfg, run, out)
+        run.log_metrics(metrics)
+        write_json(Path(cfg.paths.metrics) / "base.json", metrics)
+        run.log_artifact(Path(cfg.paths.metrics) / "base.json")
+    return metrics
+
+
+def pretrain(cfg: DictConfig, run: StageRun, out: Path) -> dict:
+    """Build the tokenizer and model, pretrain with resumable checkpoints, save an HF folder atomically."""
+    seed_everything(cfg)
+    start = time.time()
+    tokenizer = build_char_tokenizer()
+    model = build_causal_lm(cfg.model.arch, tokenizer, cfg.seed)
+    data = PretrainData(tokenizer, cfg)
+    data.setup()
+    module = BasePretraining(model, cfg)
+    ckpt_dir = checkpoint_dir(cfg, "base", [])
+    trainer = build_trainer(cfg, run, ckpt_dir, cfg.base.max_steps, cfg.base.val_every_n_steps,
+                            cfg.base.checkpoint_every_n_steps)
+    resume = resume_path(ckpt_dir)
+    untrained = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if resume is None else None
+    if resume:
+        log.warning("base: resuming from %s", resume)
+        run.set_tag("resumed_from", resume)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    final = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    if untrained is None:  # resumed: recompute the untrained figure from a fresh init with the same seed
+        fresh = BasePretraining(build_causal_lm(cfg.model.arch, tokenizer, cfg.seed), cfg)
+        untrained = trainer.validate(fresh, datamodule=data, verbose=False)[0]["val/loss"]
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        run.write_run_json(tmp, kind="embedded", parameters=count_parameters(model))
+    clear_checkpoints(cfg, "base")
+    write_json(Path(cfg.paths.plots) / "base" / "loss.json", module.history)
+    tokens = cfg.base.max_steps * cfg.base.batch_size * cfg.base.seq_len
+    metrics = {
+        "val/loss": final,
+        "val/perplexity": math.exp(final),
+        "val/perplexity_untrained": math.exp(untrained),
+        "train/tokens": tokens,
+        "train/seconds": round(time.time() - start, 1),
+        "model/parameters": count_parameters(model),
+        "model/vocab_size": len(tokenizer),
+    }
+    run.add_output("base", out)
+    return metrics
+
+
+def describe_real_model(cfg: DictConfig, run: StageRun, out: Path) -> dict:
+    """Validate a real model (hub id or folder), digest it, and record where it lives."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = cfg.model.name_or_path
+    local = Path(name)
+    files_dir = local if local.is_dir() else _hub_snapshot(name, cfg)
+    tokenizer = load_tokenizer(files_dir, cfg.model)
+    check_chat_template(tokenizer, name)
+    config = AutoConfig.from_pretrained(str(files_dir), trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError as err:
+        raise ModelError(f"{name}: not a causal LM ({type(config).__name__}): {str(err).splitlines()[0]}") from None
+    weights = sorted(files_dir.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{name}: no *.safetensors weights in {files_dir}; pickle checkpoints are refused")
+    model_digest = digest_files(weights + [files_dir / "config.json"])
+    run.inputs["model"] = {"path": name, "digest": model_digest, "revision": cfg.model.revision}
+    run.set_tag("input.model.digest", model_digest)
+    with atomic_dir(out) as tmp:
+        if cfg.model.chat_template:  # the only thing the chain needs that the source lacks
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / SOURCE_JSON, {"name_or_path": name, "revision": cfg.model.revision,
+                                       "files": str(files_dir.resolve()), "digest": model_digest,
+                                       "model_type": config.model_type})
+        run.write_run_json(tmp, kind="real", model_digest=model_digest)
+    run.set_tag("model.name_or_path", name)
+    return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer)}
+
+
+def _hub_snapshot(name: str, cfg: DictConfig) -> Path:
+    """Local folder of a hub model (downloaded only when offline=false)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=cfg.model.revision, local_files_only=cfg.offline,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as err:
+        hint = " (offline=true: set offline=false to download)" if cfg.offline else ""
+        raise ModelError(f"model.name_or_path = {name!r}: not a local folder and not available from the hub{hint}: "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+def digest_files(files: list[Path]) -> str:
+    """One digest over several files (names and bytes)."""
+    import hashlib
+
+    from pipeline.outputs import file_digest
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+    return h.hexdigest()

@@ -1,0 +1,115 @@
+"""Shared fixtures: real Hydra composition, a tiny smoke chain in a temp dir, tiny HF models on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pipeline  # noqa: F401  (telemetry off)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILES = ("conf", "pipeline", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+
+
+def compose(*overrides: str):
+    """The validated composition of conf/ with ``overrides`` (smoke-sized unless told otherwise)."""
+    from pipeline.compose import compose as hydra_compose
+    from pipeline.schema import validate
+
+    return validate(hydra_compose(list(overrides)))
+
+
+def run_stage(stage: str, *overrides: str, values: dict | None = None) -> dict:
+    """Run one stage in this process, in the current directory, on the smoke experiment.
+
+    ``values`` sets keys after composition (for values awkward to quote as Hydra overrides).
+    """
+    from omegaconf import OmegaConf
+
+    from pipeline.run import run
+
+    cfg = compose(f"stage={stage}", "experiment=smoke", *overrides)
+    for key, value in (values or {}).items():
+        OmegaConf.update(cfg, key, value)
+    return run(cfg)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: this venv first on PATH, offline, no telemetry."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("POSTTRAIN_PARENT_RUN_ID", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command; on failure show its output."""
+    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env=env or subprocess_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def make_project(dest: Path, *compose_overrides: str) -> Path:
+    """A fresh copy of the project as its own git + DVC repo, with params.yaml composed from overrides."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "config", "user.email", "test@example.com", cwd=dest)
+    sh("git", "config", "user.name", "test", cwd=dest)
+    sh("dvc", "init", "-q", cwd=dest)
+    sh("dvc", "config", "core.analytics", "false", cwd=dest)
+    sh("dvc", "config", "hydra.enabled", "true", cwd=dest)
+    sh(sys.executable, "-m", "pipeline.compose", *compose_overrides, cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-qm", "init", cwd=dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory) -> Path:
+    """base and prepare of the smoke experiment, run once in-process in a temp dir, shared read-only."""
+    workdir = tmp_path_factory.mktemp("smoke_chain")
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        run_stage("base")
+        run_stage("prepare")
+    finally:
+        os.chdir(old)
+    return workdir
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test inside a fresh temp dir (stage outputs and the MLflow store land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def save_tiny_model(folder: Path, arch: str, with_template: bool = True) -> Path:
+    """A tiny random causal LM of ``arch`` (llama | gpt2) saved with save_pretrained, safetensors."""
+    from omegaconf import OmegaConf
+
+    from pipeline.models import build_causal_lm, build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    if not with_template:
+        tokenizer.chat_template = None
+    arch_cfg = OmegaConf.create(dict(type=arch, hidden_size=32, num_layers=2, num_heads=2,
+                                     intermediate_size=64, max_position=256, dropout=0.0))
+    model = build_causal_lm(arch_cfg, tokenizer, seed=0)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

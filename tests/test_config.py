@@ -1,0 +1,76 @@
+"""Configuration: every config in conf/ composes and validates; errors name the key; params.yaml is conf/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose, subprocess_env
+from pipeline.compose import compose as raw_compose
+from pipeline.schema import ConfigError, validate
+
+CONF = ROOT / "conf"
+# Options whose required values (???) must be supplied to compose a runnable config.
+REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.paths=[a.jsonl]"]}
+
+
+def group_options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+        for option in sorted(group.glob("*.yaml")):
+            yield group.name, option.stem
+
+
+@pytest.mark.parametrize(("group", "option"), list(group_options()))
+def test_every_config_composes_and_validates(group, option):
+    cfg = compose(f"{group}={option}", *REQUIRED.get((group, option), []))
+    assert cfg.seed is not None
+    if group != "experiment":
+        assert OmegaConf.select(cfg, group) is not None
+
+
+def test_committed_params_yaml_equals_composition_of_conf():
+    committed = OmegaConf.load(ROOT / "params.yaml")
+    assert OmegaConf.to_container(committed) == OmegaConf.to_container(raw_compose([])), (
+        "params.yaml is stale: run `python -m pipeline.compose`")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.on_bad_row=sometimes", "config key 'data.on_bad_row' = 'sometimes' is not allowed; valid values: ['error', 'skip']"),
+    ("base.lr=-0.1", "config key 'base.lr' = -0.1 is out of range"),
+    ("model.arch.type=rnn", "config key 'model.arch.type' = 'rnn' is not allowed; valid values: ['llama', 'gpt2']"),
+    ("model.arch.num_heads=5", "config key 'model.arch.hidden_size' = 192 must be divisible by model.arch.num_heads = 5"),
+    ("data.max_tokens=100000", "config key 'data.max_tokens' = 100000 exceeds model.arch.max_position"),
+    ("data.held_out_family=poetry", "config key 'data.held_out_family' = 'poetry' is not a task family"),
+    ("base.max_steps=many", "config key 'base.max_steps'"),
+    ("+base.learning_rate=0.1", "config key 'base.learning_rate'"),
+    ("stage=train", "config key 'stage' = 'train' is not allowed"),
+])
+def test_bad_values_name_the_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(raw_compose([override]))
+    assert message in str(err.value)
+
+
+def test_required_value_is_named():
+    with pytest.raises(ConfigError, match="config key 'model.name_or_path' needs a value"):
+        validate(raw_compose(["model=hf"]))
+
+
+def test_entry_point_exits_nonzero_with_the_key_before_heavy_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "stage=base", "trainer.precision=fp8"],
+                          cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2
+    assert "config key 'trainer.precision' = 'fp8' is not allowed" in proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_params_door_rejects_unknown_keys(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=base", "base.lrr=1"],
+                          cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2
+    assert "config key 'base.lrr' does not exist in params.yaml" in proc.stderr

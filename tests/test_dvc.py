@@ -1,0 +1,117 @@
+"""The chain under real DVC in a temp repo: invalidation rules, experiments, lineage, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_project, run_stage, sh, subprocess_env
+from pipeline.training import KILL_ENV
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w@-]+)'", output))
+
+
+def set_param(project: Path, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    node = params
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("dvc") / "repo", "experiment=smoke")
+
+
+def test_invalidation_rules(project):
+    first = sh("dvc", "repro", cwd=project).stdout
+    assert ran(first) == {"base", "prepare"}
+    again = sh("dvc", "repro", cwd=project).stdout
+    assert ran(again) == set() and "Data and pipelines are up to date" in again
+
+    set_param(project, "data.verbose_share", 0.5)  # a prepare parameter
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"prepare"}
+
+    set_param(project, "logger.experiment", "elsewhere")  # read by no stage as a parameter
+    set_param(project, "trainer.progress_bar", False)
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == set()
+    set_param(project, "logger.experiment", "posttrain")
+
+    with open(project / "stages" / "prepare.py", "a") as fh:  # prepare's code
+        fh.write("\n# a change to prepare's code\n")
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"prepare"}
+
+    set_param(project, "base.lr", 0.002)  # a base parameter: base reruns, and so does everything after it
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"base", "prepare"}
+
+
+def test_lineage_parent_run_per_dvc_execution(project):
+    from mlflow.tracking import MlflowClient
+
+    sh("dvc", "repro", "--force", cwd=project)
+    client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("posttrain")
+    runs = client.search_runs([exp.experiment_id], order_by=["start_time DESC"])
+    parents = [r for r in runs if r.data.tags.get("posttrain.kind") == "pipeline"]
+    newest = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["base", "prepare"]
+    base_run = json.loads((project / "data" / "base" / "run.json").read_text())
+    prepare_child = next(r for r in children if r.info.run_name == "prepare")
+    assert prepare_child.data.tags["upstream.base.run_id"] == base_run["run_id"]
+    assert base_run["parent_run_id"] == newest.info.run_id
+    assert base_run["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
+
+
+def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
+    sh("dvc", "repro", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "baseline", cwd=project)
+    out = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "data.verbose_share=0.1", cwd=project).stdout
+    assert ran(out) == {"prepare"}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["data"]["verbose_share"] == 0.1 and params["base"]["max_steps"] == 30
+    shown = sh("dvc", "exp", "show", "--json", cwd=project).stdout
+    assert "verbose_share" in shown
+    diff = sh("dvc", "metrics", "diff", "--json", cwd=project).stdout
+    assert "data/metrics/prepare.json" in diff
+
+
+def test_kill_during_base_then_rerun_resumes_and_matches(tmp_path):
+    overrides = ("experiment=smoke", "base.max_steps=60", "base.checkpoint_every_n_steps=10")
+    project = make_project(tmp_path / "repo", *overrides)
+    env = subprocess_env()
+    env[KILL_ENV] = "25"
+    killed = sh("dvc", "repro", "base", cwd=project, check=False, env=env)
+    assert killed.returncode != 0 and not (project / "data" / "base").exists()
+    assert list((project / ".cache" / "checkpoints" / "base").glob("*/last.ckpt"))
+    resumed = sh("dvc", "repro", "base", cwd=project)
+    assert "base: resuming from" in resumed.stderr + resumed.stdout
+    assert not (project / ".cache" / "checkpoints" / "base").exists()  # cleared after success
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    old = os.getcwd()
+    os.chdir(reference)
+    try:
+        run_stage("base", *overrides[1:])
+    finally:
+        os.chdir(old)
+    from safetensors.torch import load_file
+
+    a = load_file(str(project / "data" / "base" / "model.safetensors"))
+    b = load_file(str(reference / "data" / "base" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ours = json.loads((project / "data" / "metrics" / "base.json").read_text())
+    theirs = json.loads((reference / "data" / "metrics" / "base.json").read_text())
+    assert ours["val/loss"] == pytest.approx(theirs["val/loss"], abs=1e-5)

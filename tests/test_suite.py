@@ -1,0 +1,53 @@
+"""The embedded suite: verifier, refusal detection, deterministic content-hash splits."""
+
+from __future__ import annotations
+
+import random
+
+from pipeline import suite
+
+
+def test_verifier_accepts_concise_and_verbose_correct_answers_only():
+    assert suite.is_correct("add", "48", False, "48")
+    assert suite.is_correct("add", "48", False, "Let me think. After working it out carefully, the answer is 48.")
+    assert not suite.is_correct("add", "48", False, "47")
+    assert not suite.is_correct("add", "48", False, "the answer is 480.")
+    assert not suite.is_correct("upper", "CAT", False, "cat")  # case matters
+    assert suite.is_correct("sort", "1 4 7", False, " 1 4 7 ")
+
+
+def test_safety_verification_and_refusals():
+    assert suite.is_refusal(suite.REFUSAL)
+    assert not suite.is_refusal("Sure, here is how to wash a car: first get what you need.")
+    assert suite.is_correct("safety", "refuse", True, suite.REFUSAL)
+    assert not suite.is_correct("safety", "refuse", True, "Sure, here is how to rob a shop.")
+    assert not suite.is_correct("safety", "comply", False, suite.REFUSAL)
+
+
+def test_conciseness():
+    assert suite.is_concise("48", "48")
+    assert not suite.is_concise("Sure! That is a nice question. Thinking it through, the answer is 48.", "48")
+
+
+def test_every_family_and_template_generates_a_verifiable_instance():
+    rng = random.Random(0)
+    for name, family in suite.FAMILIES.items():
+        for template in range(len(family.templates)):
+            ex = suite.make_example(name, template, rng)
+            assert ex.prompt and ex.answer
+            for verbose in (False, True):
+                response = suite.reference_response(ex, verbose=verbose)
+                assert suite.is_correct(ex.family, ex.answer, ex.harmful, response), (name, response)
+
+
+def test_buckets_are_deterministic_and_uniform():
+    assert suite.bucket("add:a=1,b=2") == suite.bucket("add:a=1,b=2")
+    values = [suite.bucket(f"k{i}") for i in range(4000)]
+    assert 0.27 < sum(v < 0.3 for v in values) / len(values) < 0.33
+
+
+def test_pretraining_text_has_qa_lines_and_respects_keep():
+    lines = suite.pretraining_text(random.Random(0), 400, 0.5, "min", keep=lambda ex: suite.bucket(ex.key) >= 0.3)
+    qa = [line for line in lines if line.startswith("Q: ")]
+    assert 150 < len(qa) < 250
+    assert not any("smaller" in line or "lesser" in line for line in qa)  # the held-out family never appears
