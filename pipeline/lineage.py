@@ -181,6 +181,17 @@ class StageRun:
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(self.run_id, datasets=[entity])
 
+    def child(self, name: str, tags: dict[str, str] | None = None) -> "StageRun":
+        """A nested run under this one (e.g. one per evaluated variant), so the MLflow UI can compare
+        them side by side under the same metric names. Close it with :meth:`finish`."""
+        run = self.client.create_run(self.client.get_run(self.run_id).info.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.run_id, "posttrain.stage": self.stage, "posttrain.kind": "variant",
+            "mlflow.source.git.commit": self.commit, **(tags or {})})
+        return StageRun(self.client, run.info.run_id, self.run_id, self.tracking_uri, self.stage, self.cfg)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
     def record(self, **extra: Any) -> dict[str, Any]:
         """The ``run.json`` content for this run: identity, code version, config digest, inputs."""
         import hashlib

@@ -11,12 +11,17 @@ Kept free of heavy imports so the entry point can validate before torch or trans
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("base", "prepare")
+STAGES = ("base", "prepare", "sft", "evaluate")
+# Evaluation variants: a model plus a prompting style.
+VARIANTS = ("base_zero_shot", "base_few_shot", "sft")
+# peft methods (pipeline.adapters maps them to peft classes) plus bitfit and full fine-tuning.
+PEFT_METHODS = ("lora", "ia3", "loha", "lokr", "oft", "vera", "adalora", "ln_tuning",
+                "prompt_tuning", "prefix_tuning", "p_tuning", "bitfit", "none")
 
 
 class ConfigError(ValueError):
@@ -79,11 +84,10 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = choice("lora", "none")
-    r: Optional[int] = bounded(1, default=None)
-    alpha: Optional[float] = bounded(0.0, default=None)
-    dropout: Optional[float] = bounded(0.0, 0.9, default=None)
+    method: str = choice(*PEFT_METHODS)
     target_modules: Any = None
+    quantize_base: Optional[str] = choice(None, "nf4", "fp4", default=None)
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,6 +130,31 @@ class PrepareStageConfig:
 
 
 @dataclass
+class SftStageConfig:
+    max_steps: int = bounded(1)
+    batch_size: int = bounded(1)
+    accumulate_grad_batches: int = bounded(1)
+    lr: float = bounded(0.0, 1.0)
+    warmup_steps: int = bounded(0)
+    weight_decay: float = bounded(0.0, 1.0)
+    packing: bool = False
+    pack_length: int = bounded(8)
+    val_every_n_steps: int = bounded(1)
+    checkpoint_every_n_steps: int = bounded(1)
+
+
+@dataclass
+class EvaluateStageConfig:
+    variants: List[str] = field(default_factory=list)
+    few_shot: int = bounded(0, 16)
+    max_new_tokens: int = bounded(1)
+    batch_size: int = bounded(1)
+    do_sample: bool = False
+    temperature: float = bounded(0.0)
+    top_p: float = bounded(0.0, 1.0)
+
+
+@dataclass
 class PathsConfig:
     data: str = MISSING
     metrics: str = MISSING
@@ -146,6 +175,8 @@ class RootConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     base: BaseStageConfig = field(default_factory=BaseStageConfig)
     prepare: PrepareStageConfig = field(default_factory=PrepareStageConfig)
+    sft: SftStageConfig = field(default_factory=SftStageConfig)
+    evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -237,5 +268,15 @@ def _check_rules(cfg: DictConfig) -> None:
             raise ConfigError("config key 'data.num_examples' needs a value for the embedded suite")
     elif not cfg.data.paths:
         raise ConfigError("config key 'data.paths' must list at least one file when data.source = files")
-    if cfg.peft.method == "lora" and (cfg.peft.r is None or cfg.peft.alpha is None):
-        raise ConfigError("config keys 'peft.r' and 'peft.alpha' need values when peft.method = lora")
+    if cfg.sft.packing and cfg.sft.pack_length < cfg.data.max_tokens:
+        raise ConfigError(f"config key 'sft.pack_length' = {cfg.sft.pack_length} is below data.max_tokens = "
+                          f"{cfg.data.max_tokens}: the longest rows would not fit a pack")
+    if cfg.sft.packing and cfg.peft.method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {cfg.peft.method!r} "
+                          "(virtual tokens would be shared by every example of a pack); set sft.packing=false")
+    unknown = sorted(set(cfg.evaluate.variants) - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"config key 'evaluate.variants' has {unknown[0]!r}; valid: {list(VARIANTS)}")
+    if cfg.peft.quantize_base and cfg.peft.method in ("none", "bitfit"):
+        raise ConfigError(f"config key 'peft.quantize_base' = {cfg.peft.quantize_base!r} needs an adapter method "
+                          f"(a 4-bit base cannot be trained directly); peft.method = {cfg.peft.method!r}")

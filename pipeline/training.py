@@ -77,7 +77,14 @@ class StageModule(L.LightningModule):
         if isinstance(dataset, StepBatches):
             dataset.start = self.trainer.global_step * self.trainer.accumulate_grad_batches
 
+    # Frozen weights are not saved in checkpoints (they come from the stage's inputs), so loading
+    # must accept a state dict holding only the trainable parameters and buffers.
+    strict_loading = False
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        for name in frozen:
+            checkpoint["state_dict"].pop(name, None)
         # Tensors and plain Python values only, so the checkpoint loads with torch.load(weights_only=True).
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_states"] = {

@@ -15,7 +15,8 @@ from pipeline.schema import ConfigError, validate
 
 CONF = ROOT / "conf"
 # Options whose required values (???) must be supplied to compose a runnable config.
-REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.paths=[a.jsonl]"]}
+REQUIRED = {("model", "hf"): ["model.name_or_path=some/model"], ("data", "files"): ["data.paths=[a.jsonl]"],
+            ("peft", "prompt_tuning"): ["sft.packing=false"], ("peft", "prefix_tuning"): ["sft.packing=false"]}
 
 
 def group_options():
@@ -48,6 +49,9 @@ def test_committed_params_yaml_equals_composition_of_conf():
     ("base.max_steps=many", "config key 'base.max_steps'"),
     ("+base.learning_rate=0.1", "config key 'base.learning_rate'"),
     ("stage=train", "config key 'stage' = 'train' is not allowed"),
+    ("peft=prefix_tuning", "config key 'sft.packing' = true does not work with peft.method = 'prefix_tuning'"),
+    ("evaluate.variants=[sft,gpt5]", "config key 'evaluate.variants' has 'gpt5'"),
+    ("peft.method=adapterx", "config key 'peft.method' = 'adapterx' is not allowed"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(override, message):
     with pytest.raises(ConfigError) as err:

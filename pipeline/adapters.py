@@ -1,0 +1,178 @@
+"""Parameter-efficient fine-tuning through peft, plus BitFit and full fine-tuning, chosen by ``conf/peft``.
+
+``peft.method`` names a peft method (``lora``, ``ia3``, ``loha``, ``lokr``, ``oft``, ``vera``,
+``adalora``, ``ln_tuning``, ``prompt_tuning``, ``prefix_tuning``, ``p_tuning``), or ``bitfit`` (train
+only the biases, by plain parameter freezing), or ``none`` (full fine-tuning). ``peft.options`` goes to
+the peft config class unchanged, under peft's own argument names (DoRA is ``lora`` with
+``use_dora: true``). ``peft.quantize_base: nf4`` loads the frozen base in 4 bits through bitsandbytes
+(QLoRA).
+
+Target modules are found per architecture, never hard-wired: every linear projection (``nn.Linear`` or
+GPT-2's ``Conv1D``) except the output head; IA3's feed-forward modules are the MLP projections that
+narrow the width back (down projections).
+
+Hand-off: an adapter is merged into full-precision weights before saving, so any HF user can load the
+result; the adapter is saved beside it. Prompt-learning methods have nothing to merge: their output is
+the base weights plus the adapter, loaded back through peft (:func:`load_trained`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.schema import ConfigError
+
+PEFT_CLASSES = {
+    "lora": "LoraConfig", "ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "oft": "OFTConfig",
+    "vera": "VeraConfig", "adalora": "AdaLoraConfig", "ln_tuning": "LNTuningConfig",
+    "prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig", "p_tuning": "PromptEncoderConfig",
+}
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+METHODS = (*PEFT_CLASSES, "bitfit", "none")
+ADAPTER_DIR = "adapter"
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "v_head")
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear projection of ``model`` by qualified name, the output head excluded."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+        and name.split(".")[-1] not in OUTPUT_HEAD_NAMES
+    }
+
+
+def target_modules(model: torch.nn.Module) -> list[str]:
+    """Leaf names of every linear projection (what ``target_modules: auto`` resolves to)."""
+    names = sorted({name.split(".")[-1] for name in linear_modules(model)})
+    if not names:
+        raise ConfigError("peft.target_modules = auto found no linear layers in this model; list them explicitly")
+    return names
+
+
+def feedforward_modules(model: torch.nn.Module) -> list[str]:
+    """Qualified-name suffixes of the MLP down projections (IA3 scales their inputs, not outputs)."""
+    found = []
+    for name, module in linear_modules(model).items():
+        weight = module.weight
+        # nn.Linear stores (out, in); Conv1D stores (in, out).
+        n_in, n_out = (weight.shape[1], weight.shape[0]) if isinstance(module, torch.nn.Linear) else weight.shape
+        parts = name.split(".")
+        if "mlp" in parts and n_in > n_out:
+            found.append(".".join(parts[parts.index("mlp"):]))
+    return sorted(set(found))
+
+
+def peft_config(cfg: DictConfig, model: torch.nn.Module):
+    """The peft config object for ``cfg`` (``conf/peft``), with targets resolved for ``model``."""
+    import inspect
+
+    import peft
+
+    cls = getattr(peft, PEFT_CLASSES[cfg.method])
+    options: dict[str, Any] = OmegaConf.to_container(cfg.options, resolve=True) if cfg.options else {}
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"config key 'peft.options.{unknown[0]}' is not an option of peft.{cls.__name__}; "
+                          f"valid: {sorted(k for k in accepted if k != 'self')}")
+    if "target_modules" in accepted and cfg.method not in PROMPT_LEARNING:
+        targets = cfg.target_modules
+        options["target_modules"] = target_modules(model) if targets in (None, "auto") else list(targets)
+        if cfg.method == "ia3":
+            ff = feedforward_modules(model)
+            options["target_modules"] = sorted(set(options["target_modules"]) | set(ff))
+            options.setdefault("feedforward_modules", ff)
+    return cls(task_type="CAUSAL_LM", **options)
+
+
+def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """Make ``model`` trainable the configured way; return the (possibly wrapped) model."""
+    if cfg.method == "none":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.method == "bitfit":
+        biases = 0
+        for name, p in model.named_parameters():
+            is_bias = name.endswith(".bias")
+            p.requires_grad_(is_bias)
+            biases += is_bias
+        if not biases:
+            raise ConfigError(f"peft.method = bitfit: the model ({type(model).__name__}) has no bias parameters "
+                              "(Llama-family models have none); choose another peft method")
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantize_base:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, peft_config(cfg, model))
+
+
+def quantization_config(cfg: DictConfig):
+    """bitsandbytes 4-bit config for QLoRA (``peft.quantize_base``), or None."""
+    if not cfg.quantize_base:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize_base,
+                              bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: str, model_cfg: DictConfig,
+                 base_ref: str) -> None:
+    """Save a trained model into ``out``: merged full-precision weights (plus ``adapter/``) for adapter
+    methods, the whole model for full fine-tuning and BitFit, base + ``adapter/`` for prompt learning.
+
+    ``base_ref`` is what ``adapter_config.json`` records as the base model (peft writes an absolute
+    local path, which would not survive a move or DVC's cache): a relative or hub reference.
+    """
+    from pipeline.models import load_causal_lm
+
+    if cfg.method in ("none", "bitfit"):
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    adapter_dir = out / ADAPTER_DIR
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    config_file = adapter_dir / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = base_ref
+    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    # Merge into full-precision weights: a quantized (QLoRA) base cannot take a merge, so the adapter
+    # goes onto a fresh fp32 copy of the base.
+    from peft import PeftModel
+
+    base = load_causal_lm(base_path, model_cfg, dtype=torch.float32)
+    restored = PeftModel.from_pretrained(base, str(adapter_dir))
+    if cfg.method in PROMPT_LEARNING:
+        base.save_pretrained(out, safe_serialization=True)  # nothing to merge: base + adapter
+        return
+    restored.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def load_trained(folder: str | Path, model_cfg: DictConfig | None = None):
+    """Load a model saved by :func:`save_trained` (merged weights, or base + prompt-learning adapter)."""
+    from pipeline.models import load_causal_lm
+
+    folder = Path(folder)
+    model = load_causal_lm(folder, model_cfg)
+    adapter_dir = folder / ADAPTER_DIR
+    if adapter_dir.exists():
+        peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "")
+        if peft_type.lower() in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, str(adapter_dir))
+    return model

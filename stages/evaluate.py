@@ -1,0 +1,296 @@
+"""evaluate: every variant on the held-out test prompts, with the same metric names for each.
+
+A ``LightningModule`` run by ``Trainer.test``: each test batch is generated (batched, left-padded, KV
+cache, greedy by default), verified by the suite's checker, and scored by teacher forcing on the
+reference responses (perplexity).
+
+Variants (``evaluate.variants``): ``base_zero_shot`` and ``base_few_shot`` (the base model prompted
+``Q: ...\\nA:`` with none or ``few_shot`` solved examples first: the in-context-learning baseline, no
+training) and ``sft`` (the SFT model through its chat template).
+
+Metrics per variant (``test/<name>``): accuracy overall and per family; on seen templates, on held-out
+templates and on the held-out family; perplexity on the reference responses; mean response length in
+characters; refusal rate on harmful and on harmless prompts; share of concise task answers; generation
+throughput.
+
+Inputs: ``data/base``, ``data/prepare`` (test split; train split for few-shot examples), ``data/sft``;
+``evaluate.*``, ``seed``.
+Outputs: ``data/evaluate/`` (``generations.jsonl``, ``report.md``, ``run.json``),
+``data/metrics/evaluate.json`` (variant -> metrics), ``data/plots/evaluate/accuracy.csv``.
+Each variant is also an MLflow child run of the evaluate run, with the same metric names.
+Run: ``python -m pipeline.run stage=evaluate``
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pipeline import suite
+from pipeline.adapters import load_trained
+from pipeline.generation import generate, left_pad
+from pipeline.lineage import stage_run
+from pipeline.models import base_sources, load_causal_lm, load_tokenizer, render_ids
+from pipeline.outputs import atomic_dir, write_atomic, write_json
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model and how it is prompted."""
+
+    name: str
+    model_dir: str      # stage output folder holding the model
+    style: str          # "chat" (chat template) | "plain" (Q:/A: text, the base model's pretraining format)
+    shots: int = 0
+
+
+def variants(cfg: DictConfig) -> list[Variant]:
+    data = Path(cfg.paths.data)
+    known = {
+        "base_zero_shot": Variant("base_zero_shot", str(data / "base"), "plain", 0),
+        "base_few_shot": Variant("base_few_shot", str(data / "base"), "plain", cfg.evaluate.few_shot),
+        "sft": Variant("sft", str(data / "sft"), "chat"),
+    }
+    return [known[name] for name in cfg.evaluate.variants]
+
+
+class PromptBuilder:
+    """Token ids of a prompt, and of prompt + reference, in a variant's style."""
+
+    def __init__(self, tokenizer, variant: Variant, train_rows: list[dict], seed: int, context: int, max_new_tokens: int):
+        self.tok, self.variant, self.context, self.max_new_tokens = tokenizer, variant, context, max_new_tokens
+        self.shots_by_family: dict[str, list[dict]] = defaultdict(list)
+        for row in train_rows:  # few-shot examples show the preferred behaviour only
+            if row["meta"].get("style", "concise") in ("concise", "refusal") or not row["meta"].get("harmful", True):
+                if row["meta"].get("style") != "verbose":
+                    self.shots_by_family[row["meta"].get("family", "all")].append(row)
+        self.all_shots = [r for rows in self.shots_by_family.values() for r in rows]
+        self.seed = seed
+
+    def _plain(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _doc(self, question: str, answer: str | None) -> list[int]:
+        """One pretraining-style document: <s>Q: question\\nA: answer</s> (open-ended without answer)."""
+        body = f"Q: {question}\nA:" + (f" {answer}" if answer is not None else " ")
+        ids = [self.tok.bos_token_id] + self._plain(body)
+        return ids + [self.tok.eos_token_id] if answer is not None else ids
+
+    def prompt(self, row: dict, index: int) -> list[int]:
+        user = row["messages"][:-1]
+        if self.variant.style == "chat":
+            return render_ids(self.tok, user, add_generation_prompt=True)
+        query = self._doc(user[-1]["content"], None)
+        shots: list[list[int]] = []
+        if self.variant.shots:
+            pool = self.shots_by_family.get(row["meta"].get("family", "all")) or self.all_shots
+            rng = random.Random(self.seed * 100_003 + index)
+            shots = [self._doc(s["messages"][-2]["content"], s["messages"][-1]["content"])
+                     for s in rng.sample(pool, min(self.variant.shots, len(pool)))]
+        # Room for the longer of a generated response and the reference (scored by teacher forcing).
+        reserve = max(self.max_new_tokens, len(self._plain(row["messages"][-1]["content"])) + 1)
+        while shots and sum(map(len, shots)) + len(query) + reserve > self.context:
+            shots.pop(0)  # drop examples rather than overflow the model's context
+        return [t for shot in shots for t in shot] + query
+
+    def with_reference(self, row: dict, index: int) -> tuple[list[int], int]:
+        """(prompt + reference response + end token, prompt length) for teacher-forced perplexity."""
+        if self.variant.style == "chat":
+            ids = render_ids(self.tok, row["messages"])
+            return ids, len(render_ids(self.tok, row["messages"][:-1], add_generation_prompt=True))
+        prompt = self.prompt(row, index)
+        return prompt + self._plain(row["messages"][-1]["content"]) + [self.tok.eos_token_id], len(prompt)
+
+    def stop_ids(self) -> list[int]:
+        """End tokens: EOS, and for plain prompts a newline (the end of an answer line)."""
+        stops = [self.tok.eos_token_id]
+        newline = self._plain("\n")
+        if self.variant.style == "plain" and len(newline) == 1:
+            stops.append(newline[0])
+        return stops
+
+
+class EvalModule(L.LightningModule):
+    """Generates, verifies and scores one variant on batches of test rows (``Trainer.test``)."""
+
+    def __init__(self, model, tokenizer, builder: PromptBuilder, cfg: DictConfig):
+        super().__init__()
+        self.model, self.tok, self.builder, self.cfg = model, tokenizer, builder, cfg.evaluate
+        self.records: list[dict] = []
+        self.gen_stats = {"new_tokens": 0, "seconds": 0.0}
+
+    def test_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
+        prompts = [self.builder.prompt(row, i) for i, row in batch]
+        outs, stats = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
+                               stop_ids=self.builder.stop_ids(), do_sample=self.cfg.do_sample,
+                               temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+        self.gen_stats["new_tokens"] += stats["new_tokens"]
+        self.gen_stats["seconds"] += stats["seconds"]
+        nll, counts = self.reference_nll([self.builder.with_reference(row, i) for i, row in batch])
+        for (i, row), out, n, c in zip(batch, outs, nll, counts):
+            meta = row["meta"]
+            response = out.text.split("\n")[0].strip() if self.builder.variant.style == "plain" else out.text
+            self.records.append({
+                "id": row["id"], "family": meta.get("family", "user"), "prompt": row["messages"][-2]["content"],
+                "reference": row["messages"][-1]["content"], "response": response, "finished": out.finished,
+                "correct": score(meta, row["messages"][-1]["content"], response),
+                "held_out_template": bool(meta.get("held_out_template")),
+                "held_out_family": bool(meta.get("held_out_family")), "harmful": bool(meta.get("harmful")),
+                "nll": n, "ref_tokens": c,
+            })
+
+    @torch.no_grad()
+    def reference_nll(self, pairs: list[tuple[list[int], int]]) -> tuple[list[float], list[int]]:
+        """Summed NLL of each reference response (and its end token) given its prompt, and token counts."""
+        ids, mask = left_pad([p for p, _ in pairs], self.tok.pad_token_id)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        nll, counts = [], []
+        width = ids.shape[1]
+        for row, (full, prompt_len) in enumerate(pairs):
+            start = width - len(full) + prompt_len - 1  # position predicting the first response token
+            nll.append(float(-logp[row, start:].sum()))
+            counts.append(width - 1 - start)
+        return nll, counts
+
+
+def score(meta: dict, reference: str, response: str) -> bool | None:
+    """Verify a response: the suite's checker for suite rows; exact match to the reference for user rows."""
+    if "family" not in meta or "answer" not in meta:
+        return response.strip() == reference.strip()
+    return suite.is_correct(meta["family"], meta["answer"], bool(meta.get("harmful")), response)
+
+
+def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
+    """Aggregate per-row records into ``test/*`` metrics (see the module docstring)."""
+    def rate(rows, key="correct"):
+        return sum(bool(r[key]) for r in rows) / len(rows) if rows else float("nan")
+
+    tasks = [r for r in records if r["family"] != "safety"]
+    seen = [r for r in tasks if not r["held_out_family"] and not r["held_out_template"]]
+    held_template = [r for r in tasks if not r["held_out_family"] and r["held_out_template"]]
+    metrics = {
+        "test/accuracy": rate(records),
+        "test/accuracy_seen_templates": rate(seen),
+        "test/accuracy_held_out_templates": rate(held_template),
+        "test/accuracy_held_out_family": rate([r for r in records if r["held_out_family"]]),
+        "test/perplexity": float(torch.exp(torch.tensor(sum(r["nll"] for r in records) / sum(r["ref_tokens"] for r in records)))),
+        "test/response_length": sum(len(r["response"]) for r in records) / len(records),
+        "test/refusal_harmful": rate([r for r in records if r["harmful"]], "refused"),
+        "test/refusal_harmless": rate([r for r in records if not r["harmful"]], "refused"),
+        "test/concise_rate": rate([r for r in tasks if r["response"]], "concise"),
+        "test/unfinished_rate": 1 - rate(records, "finished"),
+        "test/tokens_per_second": gen_stats["new_tokens"] / max(gen_stats["seconds"], 1e-9),
+    }
+    for family in sorted({r["family"] for r in records}):
+        metrics[f"test/accuracy_{family}"] = rate([r for r in records if r["family"] == family])
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def annotate(records: list[dict]) -> None:
+    """Add the behaviour flags the metrics count: refused, concise."""
+    for r in records:
+        r["refused"] = suite.is_refusal(r["response"])
+        r["concise"] = bool(r["response"]) and r["response"].strip().rstrip(".") == suite.extract_answer(r["response"])
+
+
+def load_variant_model(variant: Variant, cfg: DictConfig):
+    """The variant's model: the base model's weights (wherever they live) or a trained stage output."""
+    folder = Path(variant.model_dir)
+    if folder.name == "base":
+        return load_causal_lm(base_sources(folder)[0], cfg.model)
+    return load_trained(folder, cfg.model)
+
+
+def evaluate_variant(variant: Variant, cfg: DictConfig, test_rows: list[dict], train_rows: list[dict]):
+    """Run ``Trainer.test`` for one variant; return (metrics, records)."""
+    tokenizer_dir = base_sources(variant.model_dir)[1] if variant.style == "plain" else variant.model_dir
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.model)
+    model = load_variant_model(variant, cfg).eval()
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    builder = PromptBuilder(tokenizer, variant, train_rows, cfg.seed, context, cfg.evaluate.max_new_tokens)
+    module = EvalModule(model, tokenizer, builder, cfg)
+    loader = DataLoader(list(enumerate(test_rows)), batch_size=cfg.evaluate.batch_size, collate_fn=list)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=cfg.trainer.progress_bar, deterministic=cfg.trainer.deterministic)
+    trainer.test(module, dataloaders=loader, verbose=False)
+    annotate(module.records)
+    return summarize(module.records, module.gen_stats), module.records
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the evaluate stage; return {variant: metrics}."""
+    from pipeline.training import seed_everything
+
+    data = Path(cfg.paths.data)
+    out = data / "evaluate"
+    with stage_run(cfg, "evaluate") as run:
+        run.add_input("prepare", data / "prepare", dataset=True)
+        chosen = variants(cfg)
+        for folder in sorted({Path(v.model_dir).name for v in chosen}):
+            run.add_input(folder, data / folder)
+        test_rows = read_jsonl(data / "prepare" / "test.jsonl")
+        train_rows = read_jsonl(data / "prepare" / "train.jsonl")
+        results, generations = {}, []
+        for variant in chosen:
+            seed_everything(cfg)
+            metrics, records = evaluate_variant(variant, cfg, test_rows, train_rows)
+            results[variant.name] = metrics
+            generations += [{"variant": variant.name, **r} for r in records]
+            child = run.child(variant.name, tags={"posttrain.variant": variant.name})
+            child.log_metrics(metrics)
+            child.finish()
+        with atomic_dir(out) as tmp:
+            write_atomic(tmp / "generations.jsonl", "".join(json.dumps(g, sort_keys=True) + "\n" for g in generations))
+            write_atomic(tmp / "report.md", report_markdown(results, generations))
+            run.write_run_json(tmp)
+        write_json(Path(cfg.paths.metrics) / "evaluate.json", results)
+        write_accuracy_plot(results, Path(cfg.paths.plots) / "evaluate" / "accuracy.csv")
+        run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+        run.log_artifact(out / "report.md")
+    return results
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_accuracy_plot(results: dict, path: Path) -> None:
+    """Accuracy per variant and family as CSV for ``dvc plots`` (a grouped bar chart)."""
+    families = sorted({k.removeprefix("test/accuracy_") for m in results.values() for k in m
+                       if k.startswith("test/accuracy_")})
+    lines = ["variant,slice,accuracy"]
+    for name, m in results.items():
+        lines.append(f"{name},overall,{m['test/accuracy']}")
+        lines += [f"{name},{f},{m['test/accuracy_' + f]}" for f in families]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def report_markdown(results: dict, generations: list[dict], samples: int = 3) -> str:
+    """A Markdown table of every variant's metrics, and a few generations side by side."""
+    names = list(results)
+    keys = list(next(iter(results.values())))
+    lines = ["# Evaluation", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{results[n].get(key, float('nan')):.3f}" for n in names) + " |")
+    lines += ["", "## Sample generations", ""]
+    by_id: dict[str, dict] = defaultdict(dict)
+    for g in generations:
+        by_id[g["id"]][g["variant"]] = g
+    for row_id in list(by_id)[:samples * 4:4]:
+        first = next(iter(by_id[row_id].values()))
+        lines += [f"**{first['prompt']}** (reference: `{first['reference']}`)", ""]
+        lines += [f"- {n}: `{by_id[row_id][n]['response']}` {'ok' if by_id[row_id][n]['correct'] else 'wrong'}"
+                  for n in names if n in by_id[row_id]]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""sft: supervised fine-tuning of the base model on the prepared demonstrations.
+
+Full fine-tuning, a peft method (LoRA by default, DoRA, QLoRA, IA3, LoHa, LoKr, prompt and prefix
+tuning, ...) or BitFit, chosen by the ``peft`` config group (see :mod:`pipeline.adapters`). The loss is
+on response tokens only (prompts, system turns and padding carry label -100, from ``prepare``). Optional
+packing puts several examples in one sequence with a block-diagonal causal mask and restarted positions,
+so no example attends to another. Gradient accumulation, warmup plus cosine decay, validation loss and
+perplexity at a fixed cadence, fp32 on CPU (bf16 on GPU via ``trainer=gpu``), resumable checkpoints.
+
+Inputs: ``data/base`` (model and tokenizer), ``data/prepare/{train,val}.safetensors``; ``sft.*``,
+``peft.*``, ``trainer.*``, ``seed``.
+Outputs: ``data/sft/`` (the merged model as an HF folder, ``adapter/`` beside it for adapter methods,
+``run.json``), ``data/metrics/sft.json``, ``data/plots/sft/loss.json``.
+Run: ``python -m pipeline.run stage=sft``
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pipeline import adapters
+from pipeline.lineage import stage_run
+from pipeline.models import base_sources, load_causal_lm, load_tokenizer
+from pipeline.outputs import atomic_dir, write_json
+from pipeline.training import (StageModule, StepBatches, batches_loader, build_trainer, checkpoint_dir,
+                               clear_checkpoints, decay_groups, resume_path, seed_everything, warmup_cosine)
+
+log = logging.getLogger(__name__)
+Example = tuple[list[int], list[int]]
+
+
+def load_tokenized(path: Path) -> list[Example]:
+    """(input_ids, labels) per row from a ``prepare`` safetensors file."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    offsets = tensors["offsets"].tolist()
+    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    return [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def pack(examples: list[Example], length: int) -> list[list[Example]]:
+    """Greedy first-fit packing, in order: each pack's examples total at most ``length`` tokens."""
+    packs: list[list[Example]] = []
+    current, used = [], 0
+    for ex in examples:
+        if current and used + len(ex[0]) > length:
+            packs.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex[0])
+    if current:
+        packs.append(current)
+    return packs
+
+
+def collate(items: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-padded batch. Packed items get restarted position ids and a block-diagonal causal mask
+    (batch, 1, L, L) so no example attends to another; unpacked items get a plain 2-D padding mask."""
+    width = max(sum(len(ids) for ids, _ in item) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    segments = torch.full((len(items), width), -1, dtype=torch.long)
+    positions = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        at = 0
+        for seg, (ids, labs) in enumerate(item):
+            n = len(ids)
+            input_ids[row, at:at + n] = torch.tensor(ids)
+            labels[row, at:at + n] = torch.tensor(labs)
+            segments[row, at:at + n] = seg
+            positions[row, at:at + n] = torch.arange(n)
+            at += n
+    if not packed:
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": (segments >= 0).long()}
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    same = segments[:, :, None] == segments[:, None, :]
+    mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only (no NaN rows)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask[:, None], "position_ids": positions}
+
+
+class SFTData(L.LightningDataModule):
+    """Tokenized train/val splits from ``prepare``, optionally packed, in resumable step order."""
+
+    def __init__(self, prepare_dir: Path, cfg: DictConfig, pad_id: int):
+        super().__init__()
+        self.prepare_dir, self.cfg, self.pad_id = prepare_dir, cfg, pad_id
+        self.train_items: list[list[Example]] = []
+        self.val_items: list[list[Example]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        sft = self.cfg.sft
+        train = load_tokenized(self.prepare_dir / "train.safetensors")
+        val = load_tokenized(self.prepare_dir / "val.safetensors")
+        if sft.packing:
+            self.train_items, self.val_items = pack(train, sft.pack_length), pack(val, sft.pack_length)
+        else:
+            self.train_items, self.val_items = [[ex] for ex in train], [[ex] for ex in val]
+
+    def _collate(self, items):
+        return collate(items, self.pad_id, self.cfg.sft.packing)
+
+    def train_dataloader(self) -> DataLoader:
+        sft = self.cfg.sft
+        items = self.train_items
+        steps = StepBatches(len(items), sft.batch_size, sft.max_steps * sft.accumulate_grad_batches, self.cfg.seed,
+                            lambda idx: self._collate([items[i] for i in idx]))
+        return batches_loader(steps)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.cfg.sft.batch_size, collate_fn=self._collate)
+
+    def train_tokens(self) -> int:
+        return sum(len(ids) for item in self.train_items for ids, _ in item)
+
+
+class SFTModule(StageModule):
+    """Next-token cross-entropy on response tokens of a (possibly adapter-wrapped) causal LM."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg.sft
+        self.history: list[dict] = []
+        self._val_nll = torch.zeros(())
+        self._val_tokens = 0
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % 10 == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self.history.append({"step": int(self.global_step), "train/loss": float(loss.detach())})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        self._val_nll = self._val_nll + self(batch).detach() * tokens
+        self._val_tokens += tokens
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._val_nll / max(self._val_tokens, 1)
+        self._val_nll, self._val_tokens = torch.zeros(()), 0
+        self.log("val/loss", loss)
+        self.log("val/perplexity", torch.exp(loss), prog_bar=True)
+        if self.trainer.state.fn == "fit":
+            self.history.append({"step": int(self.global_step), "val/loss": float(loss)})
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(decay_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr)
+        scheduler = warmup_cosine(optimizer, self.cfg.warmup_steps, self.cfg.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["loss_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.history = checkpoint.get("loss_history", [])
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the sft stage; return its metrics."""
+    data_dir = Path(cfg.paths.data)
+    base_dir, prepare_dir, out = data_dir / "base", data_dir / "prepare", data_dir / "sft"
+    with stage_run(cfg, "sft") as run:
+        inputs = [run.add_input("base", base_dir), run.add_input("prepare", prepare_dir, dataset=True)]
+        seed_everything(cfg)
+        start = time.time()
+        model_path, tokenizer_path = base_sources(base_dir)
+        tokenizer = load_tokenizer(tokenizer_path, cfg.model)
+        model = load_causal_lm(model_path, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
+        model = adapters.apply(model, cfg.peft)
+        trainable = sum(p.numel() for p in adapters.trainable_parameters(model).values())
+        total = sum(p.numel() for p in model.parameters())
+        data = SFTData(prepare_dir, cfg, tokenizer.pad_token_id)
+        data.setup()
+        module = SFTModule(model, cfg)
+        ckpt_dir = checkpoint_dir(cfg, "sft", [i["digest"] for i in inputs])
+        trainer = build_trainer(cfg, run, ckpt_dir, cfg.sft.max_steps, cfg.sft.val_every_n_steps,
+                                cfg.sft.checkpoint_every_n_steps, cfg.sft.accumulate_grad_batches)
+        resume = resume_path(ckpt_dir)
+        initial = None
+        if resume:
+            log.warning("sft: resuming from %s", resume)
+            run.set_tag("resumed_from", resume)
+        else:
+            initial = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
+        final = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+        train_seconds = time.time() - start
+        with atomic_dir(out) as tmp:
+            base_ref = cfg.model.name_or_path or str(base_dir)
+            adapters.save_trained(module.model, cfg.peft, tmp, model_path, cfg.model, base_ref)
+            tokenizer.save_pretrained(tmp)
+            run.write_run_json(tmp, peft_method=cfg.peft.method)
+        clear_checkpoints(cfg, "sft")
+        run.add_output("sft", out)
+        write_json(Path(cfg.paths.plots) / "sft" / "loss.json", module.history)
+        steps_tokens = cfg.sft.max_steps * cfg.sft.accumulate_grad_batches
+        metrics = {
+            "val/loss": final,
+            "val/perplexity": math.exp(final),
+            "train/seconds": round(train_seconds, 1),
+            "train/trainable_parameters": trainable,
+            "train/trainable_share": trainable / total,
+            "train/epochs": round(steps_tokens * cfg.sft.batch_size / max(len(data.train_items), 1), 2),
+        }
+        if initial is not None:
+            metrics["val/perplexity_before"] = math.exp(initial)
+        write_json(Path(cfg.paths.metrics) / "sft.json", metrics)
+        run.log_metrics(metrics)
+    return metrics
