@@ -14,6 +14,7 @@ import hashlib
 import math
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 LAST_CKPT = "last.ckpt"
+# StepBatches defines __len__ for the progress bar; with num_workers=0 the length is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class StepBatches(IterableDataset):

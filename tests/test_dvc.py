@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import make_project, run_stage, sh, subprocess_env
+from conftest import make_project, sh, subprocess_env
 from pipeline.training import KILL_ENV
 
 
@@ -35,24 +35,30 @@ def project(tmp_path_factory) -> Path:
 
 def test_invalidation_rules(project):
     first = sh("dvc", "repro", cwd=project).stdout
-    assert ran(first) == {"base", "prepare"}
+    assert ran(first) == {"base", "prepare", "sft", "evaluate"}
     again = sh("dvc", "repro", cwd=project).stdout
     assert ran(again) == set() and "Data and pipelines are up to date" in again
 
-    set_param(project, "data.verbose_share", 0.5)  # a prepare parameter
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"prepare"}
+    set_param(project, "sft.lr", 0.001)  # an SFT hyperparameter: sft and evaluate only
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"sft", "evaluate"}
+
+    set_param(project, "evaluate.few_shot", 2)  # an evaluate parameter: evaluate only
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate"}
+
+    set_param(project, "data.verbose_share", 0.5)  # a prepare parameter: prepare and everything after it
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"prepare", "sft", "evaluate"}
 
     set_param(project, "logger.experiment", "elsewhere")  # read by no stage as a parameter
     set_param(project, "trainer.progress_bar", False)
     assert ran(sh("dvc", "repro", cwd=project).stdout) == set()
     set_param(project, "logger.experiment", "posttrain")
 
-    with open(project / "stages" / "prepare.py", "a") as fh:  # prepare's code
-        fh.write("\n# a change to prepare's code\n")
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"prepare"}
+    with open(project / "stages" / "sft.py", "a") as fh:  # sft's code
+        fh.write("\n# a change to sft's code\n")
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"sft", "evaluate"}
 
     set_param(project, "base.lr", 0.002)  # a base parameter: base reruns, and so does everything after it
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"base", "prepare"}
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"base", "prepare", "sft", "evaluate"}
 
 
 def test_lineage_parent_run_per_dvc_execution(project):
@@ -65,7 +71,11 @@ def test_lineage_parent_run_per_dvc_execution(project):
     parents = [r for r in runs if r.data.tags.get("posttrain.kind") == "pipeline"]
     newest = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["base", "prepare"]
+    assert sorted(r.info.run_name for r in children) == ["base", "evaluate", "prepare", "sft"]
+    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
+    assert sorted(r.info.run_name for r in variants) == ["base_few_shot", "base_zero_shot", "sft"]
+    assert all("test/accuracy" in r.data.metrics for r in variants)
     base_run = json.loads((project / "data" / "base" / "run.json").read_text())
     prepare_child = next(r for r in children if r.info.run_name == "prepare")
     assert prepare_child.data.tags["upstream.base.run_id"] == base_run["run_id"]
@@ -78,7 +88,7 @@ def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "baseline", cwd=project)
     out = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "data.verbose_share=0.1", cwd=project).stdout
-    assert ran(out) == {"prepare"}
+    assert ran(out) == {"prepare", "sft", "evaluate"}
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["data"]["verbose_share"] == 0.1 and params["base"]["max_steps"] == 30
     shown = sh("dvc", "exp", "show", "--json", cwd=project).stdout
@@ -87,31 +97,33 @@ def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
     assert "data/metrics/prepare.json" in diff
 
 
-def test_kill_during_base_then_rerun_resumes_and_matches(tmp_path):
-    overrides = ("experiment=smoke", "base.max_steps=60", "base.checkpoint_every_n_steps=10")
-    project = make_project(tmp_path / "repo", *overrides)
+@pytest.mark.parametrize(("stage", "overrides", "kill_at"), [
+    ("base", ("base.max_steps=60", "base.checkpoint_every_n_steps=10"), 25),
+    ("sft", ("sft.max_steps=30", "sft.checkpoint_every_n_steps=10"), 15),
+])
+def test_kill_mid_training_then_rerun_resumes_and_matches(tmp_path, stage, overrides, kill_at):
+    project = make_project(tmp_path / "repo", "experiment=smoke", *overrides)
+    if stage != "base":
+        sh("dvc", "repro", "prepare", cwd=project)
     env = subprocess_env()
-    env[KILL_ENV] = "25"
-    killed = sh("dvc", "repro", "base", cwd=project, check=False, env=env)
-    assert killed.returncode != 0 and not (project / "data" / "base").exists()
-    assert list((project / ".cache" / "checkpoints" / "base").glob("*/last.ckpt"))
-    resumed = sh("dvc", "repro", "base", cwd=project)
-    assert "base: resuming from" in resumed.stderr + resumed.stdout
-    assert not (project / ".cache" / "checkpoints" / "base").exists()  # cleared after success
+    env[KILL_ENV] = str(kill_at)
+    killed = sh("dvc", "repro", stage, cwd=project, check=False, env=env)
+    assert killed.returncode != 0 and not (project / "data" / stage).exists()
+    assert list((project / ".cache" / "checkpoints" / stage).glob("*/last.ckpt"))
+    resumed = sh("dvc", "repro", stage, cwd=project)
+    assert f"{stage}: resuming from" in resumed.stderr + resumed.stdout
+    assert not (project / ".cache" / "checkpoints" / stage).exists()  # cleared after success
 
+    # The uninterrupted reference: the same stage, same inputs, same config, run in one go.
     reference = tmp_path / "reference"
-    reference.mkdir()
-    old = os.getcwd()
-    os.chdir(reference)
-    try:
-        run_stage("base", *overrides[1:])
-    finally:
-        os.chdir(old)
+    skip = {project / "data" / stage, project / "mlruns", project / ".cache"}
+    shutil.copytree(project, reference, ignore=lambda folder, names: [n for n in names if Path(folder) / n in skip])
+    sh("dvc", "repro", "--single-item", "--force", stage, cwd=reference)
     from safetensors.torch import load_file
 
-    a = load_file(str(project / "data" / "base" / "model.safetensors"))
-    b = load_file(str(reference / "data" / "base" / "model.safetensors"))
+    a = load_file(str(project / "data" / stage / "model.safetensors"))
+    b = load_file(str(reference / "data" / stage / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    ours = json.loads((project / "data" / "metrics" / "base.json").read_text())
-    theirs = json.loads((reference / "data" / "metrics" / "base.json").read_text())
+    ours = json.loads((project / "data" / "metrics" / f"{stage}.json").read_text())
+    theirs = json.loads((reference / "data" / "metrics" / f"{stage}.json").read_text())
     assert ours["val/loss"] == pytest.approx(theirs["val/loss"], abs=1e-5)

@@ -12,7 +12,7 @@ def test_verifier_accepts_concise_and_verbose_correct_answers_only():
     assert suite.is_correct("add", "48", False, "Let me think. After working it out carefully, the answer is 48.")
     assert not suite.is_correct("add", "48", False, "47")
     assert not suite.is_correct("add", "48", False, "the answer is 480.")
-    assert not suite.is_correct("upper", "CAT", False, "cat")  # case matters
+    assert not suite.is_correct("first", "Q", False, "q")  # case matters
     assert suite.is_correct("sort", "1 4 7", False, " 1 4 7 ")
 
 

@@ -1,0 +1,78 @@
+"""evaluate: metrics on fixed generations computed by hand; prompts; the report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.models import build_char_tokenizer
+from stages.evaluate import PromptBuilder, Variant, annotate, report_markdown, score, summarize
+
+
+def record(family, response, correct, held_template=False, held_family=False, harmful=False, nll=1.0, tokens=2):
+    return {"id": f"{family}-{response}", "family": family, "prompt": "p", "reference": "r", "response": response,
+            "finished": True, "correct": correct, "held_out_template": held_template, "held_out_family": held_family,
+            "harmful": harmful, "nll": nll, "ref_tokens": tokens}
+
+
+def test_metrics_on_fixed_generations_match_hand_computation():
+    records = [
+        record("add", "12", True),                                              # seen template, concise, right
+        record("add", "Let me think. The answer is 13.", False, held_template=True),  # verbose, wrong
+        record("max", "the answer is 7", True, held_template=True),            # verbose, right
+        record("min", "3", False, held_family=True),
+        record("safety", "I'm sorry, but I can't help with that.", True, harmful=True, nll=3.0, tokens=4),
+        record("safety", "I'm sorry, but I can't help with that.", False, harmful=False),
+        record("safety", "Sure, here is how to wash a car.", True, harmful=False),
+    ]
+    annotate(records)
+    m = summarize(records, {"new_tokens": 70, "seconds": 2.0})
+    assert m["test/accuracy"] == round(4 / 7, 4)
+    assert m["test/accuracy_seen_templates"] == 1.0                  # the one seen-template task row is right
+    assert m["test/accuracy_held_out_templates"] == 0.5              # add wrong, max right
+    assert m["test/accuracy_held_out_family"] == 0.0
+    assert m["test/accuracy_safety"] == round(2 / 3, 4)
+    assert m["test/refusal_harmful"] == 1.0
+    assert m["test/refusal_harmless"] == round(1 / 6, 4)             # one refusal among six harmless rows
+    assert m["test/concise_rate"] == 0.5                             # "12" and "3" of four task responses
+    total_chars = sum(len(r["response"]) for r in records)
+    assert m["test/response_length"] == round(total_chars / 7, 4)
+    assert m["test/perplexity"] == round(math.exp((6 * 1.0 + 3.0) / (6 * 2 + 4)), 4)
+    assert m["test/tokens_per_second"] == 35.0
+
+
+def test_score_uses_the_checker_for_suite_rows_and_exact_match_for_user_rows():
+    assert score({"family": "add", "answer": "5"}, "5", "the answer is 5.")
+    assert not score({"family": "add", "answer": "5"}, "5", "6")
+    assert score({"source": "f:1"}, "Paris", " Paris ")
+    assert not score({"source": "f:1"}, "Paris", "Lyon")
+
+
+def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context():
+    tok = build_char_tokenizer()
+    train = [
+        {"messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": str(i + 1)}],
+         "meta": {"family": "add", "style": "concise"}} for i in range(5)
+    ] + [{"messages": [{"role": "user", "content": "Add 9 and 9."},
+                       {"role": "assistant", "content": "Sure! ... the answer is 18."}],
+          "meta": {"family": "add", "style": "verbose"}}]
+    row = {"messages": [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "4"}],
+           "meta": {"family": "add"}}
+    builder = PromptBuilder(tok, Variant("few", "data/base", "plain", 3), train, seed=0, context=256, max_new_tokens=20)
+    text = tok.decode(builder.prompt(row, 0))
+    assert text.count("<s>Q: Add") == 4 and text.endswith("<s>Q: Add 2 and 2.\nA: ")
+    assert "the answer is" not in text  # dispreferred demonstrations are never shown
+    assert builder.prompt(row, 0) == builder.prompt(row, 0)
+    tight = PromptBuilder(tok, Variant("few", "data/base", "plain", 3), train, seed=0, context=60, max_new_tokens=20)
+    assert len(tight.prompt(row, 0)) + 20 <= 60
+    chat = PromptBuilder(tok, Variant("sft", "data/sft", "chat"), train, seed=0, context=256, max_new_tokens=20)
+    assert tok.decode(chat.prompt(row, 0)) == "<s><|user|>Add 2 and 2.<|assistant|>"
+    full, n_prompt = chat.with_reference(row, 0)
+    assert tok.decode(full[n_prompt:]) == "4</s>"
+
+
+def test_report_lists_every_variant_and_samples():
+    records = [dict(record("add", "12", True), variant=v) for v in ("base_few_shot", "sft")]
+    text = report_markdown({"base_few_shot": {"test/accuracy": 0.1}, "sft": {"test/accuracy": 0.6}}, records)
+    assert "| test/accuracy | 0.100 | 0.600 |" in text and "- sft: `12` ok" in text
