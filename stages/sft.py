@@ -10,7 +10,7 @@ perplexity at a fixed cadence, fp32 on CPU (bf16 on GPU via ``trainer=gpu``), re
 Inputs: ``data/base`` (model and tokenizer), ``data/prepare/{train,val}.safetensors``; ``sft.*``,
 ``peft.*``, ``trainer.*``, ``seed``.
 Outputs: ``data/sft/`` (the merged model as an HF folder, ``adapter/`` beside it for adapter methods,
-``run.json``), ``data/metrics/sft.json``, ``data/plots/sft/loss.json``.
+``run.json``), ``data/metrics/sft.json``, ``data/plots/sft/{loss,val_loss}.json`` (training and validation curves).
 Run: ``python -m pipeline.run stage=sft``
 """
 
@@ -212,7 +212,9 @@ def main(cfg: DictConfig) -> dict:
             run.write_run_json(tmp, peft_method=cfg.peft.method)
         clear_checkpoints(cfg, "sft")
         run.add_output("sft", out)
-        write_json(Path(cfg.paths.plots) / "sft" / "loss.json", module.history)
+        plots = Path(cfg.paths.plots) / "sft"
+        write_json(plots / "loss.json", [h for h in module.history if "train/loss" in h])
+        write_json(plots / "val_loss.json", [h for h in module.history if "val/loss" in h])
         steps_tokens = cfg.sft.max_steps * cfg.sft.accumulate_grad_batches
         metrics = {
             "val/loss": final,
