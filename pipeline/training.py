@@ -72,8 +72,12 @@ def batches_loader(dataset: IterableDataset) -> DataLoader:
 
 
 class StageModule(L.LightningModule):
-    """The one base class of the training stages: RNG states travel in checkpoints, and a
-    :class:`StepBatches` training stream restarts at the restored optimizer step."""
+    """The one base class of the training stages: RNG states and the loss-curve history travel in
+    checkpoints, and a :class:`StepBatches` training stream restarts at the restored optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[dict] = []  # rows for the stage's loss-curve plot
 
     def on_train_start(self) -> None:
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
@@ -95,6 +99,7 @@ class StageModule(L.LightningModule):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": random.getstate(),
         }
+        checkpoint["loss_history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("rng_states")
@@ -103,6 +108,7 @@ class StageModule(L.LightningModule):
             kind, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             random.setstate(states["python"])
+        self.history = checkpoint.get("loss_history", [])
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float = 0.1):
@@ -115,6 +121,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, flo
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw_warmup_cosine(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int, total: int,
+                        betas: tuple[float, float] = (0.9, 0.999)) -> dict:
+    """``configure_optimizers`` output: AdamW with decoupled decay on matrices, stepped warmup + cosine."""
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup_cosine(optimizer, warmup, total), "interval": "step"}}
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -35,8 +35,8 @@ from pipeline.lineage import StageRun, stage_run
 from pipeline.models import (build_causal_lm, build_char_tokenizer, check_chat_template, count_parameters,
                              load_tokenizer, ModelError)
 from pipeline.outputs import atomic_dir, write_json
-from pipeline.training import (StageModule, StepBatches, batches_loader, build_trainer, checkpoint_dir,
-                               clear_checkpoints, decay_groups, resume_path, seed_everything, warmup_cosine)
+from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
+                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
 
 log = logging.getLogger(__name__)
 SOURCE_JSON = "source.json"
@@ -96,7 +96,6 @@ class BasePretraining(StageModule):
         super().__init__()
         self.model = model
         self.cfg = cfg.base
-        self.history: list[dict] = []  # (step, train loss) for the loss curve; travels in checkpoints
         self._val_losses: list[torch.Tensor] = []
 
     def on_fit_start(self) -> None:
@@ -121,17 +120,8 @@ class BasePretraining(StageModule):
         self.log("val/perplexity", torch.exp(loss), prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(decay_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, betas=(0.9, 0.95))
-        scheduler = warmup_cosine(optimizer, self.cfg.warmup_steps, self.cfg.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["loss_history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.history = checkpoint.get("loss_history", [])
+        c = self.cfg
+        return adamw_warmup_cosine(self.model, c.lr, c.weight_decay, c.warmup_steps, c.max_steps, betas=(0.9, 0.95))
 
 
 def main(cfg: DictConfig) -> dict:

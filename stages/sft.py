@@ -30,8 +30,8 @@ from pipeline import adapters
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_causal_lm, load_tokenizer
 from pipeline.outputs import atomic_dir, write_json
-from pipeline.training import (StageModule, StepBatches, batches_loader, build_trainer, checkpoint_dir,
-                               clear_checkpoints, decay_groups, resume_path, seed_everything, warmup_cosine)
+from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
+                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
 
 log = logging.getLogger(__name__)
 Example = tuple[list[int], list[int]]
@@ -131,7 +131,6 @@ class SFTModule(StageModule):
         super().__init__()
         self.model = model
         self.cfg = cfg.sft
-        self.history: list[dict] = []
         self._val_nll = torch.zeros(())
         self._val_tokens = 0
 
@@ -162,17 +161,8 @@ class SFTModule(StageModule):
             self.history.append({"step": int(self.global_step), "val/loss": float(loss)})
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(decay_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr)
-        scheduler = warmup_cosine(optimizer, self.cfg.warmup_steps, self.cfg.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["loss_history"] = self.history
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.history = checkpoint.get("loss_history", [])
+        c = self.cfg
+        return adamw_warmup_cosine(self.model, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
 
 
 def main(cfg: DictConfig) -> dict:

@@ -23,7 +23,7 @@ from pipeline.chat import encode
 from pipeline.compose import compose
 from pipeline.models import build_causal_lm, build_char_tokenizer
 from pipeline.schema import validate
-from pipeline.training import StepBatches, batches_loader, warmup_cosine, decay_groups
+from pipeline.training import StepBatches, adamw_warmup_cosine, batches_loader
 from stages.prepare import generate_suite
 from stages.sft import SFTModule, collate, pack
 
@@ -61,8 +61,8 @@ def main() -> None:
 
     # Plain PyTorch loop.
     model = adapters.apply(copy.deepcopy(base), cfg.peft).train()
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.sft.weight_decay), lr=cfg.sft.lr)
-    scheduler = warmup_cosine(optimizer, cfg.sft.warmup_steps, cfg.sft.max_steps)
+    opt = adamw_warmup_cosine(model, cfg.sft.lr, cfg.sft.weight_decay, cfg.sft.warmup_steps, cfg.sft.max_steps)
+    optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     for k, batch in enumerate(batches):
         if k == args.warmup:
             start = time.perf_counter()
