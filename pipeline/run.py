@@ -54,24 +54,22 @@ def run_reporting(cfg: DictConfig):
 
 
 def load_params(path: str, overrides: list[str]) -> DictConfig:
-    """Load a composed snapshot and apply ``key=value`` overrides (unknown keys are errors)."""
+    """Load a composed snapshot and apply ``key=value`` overrides (YAML-typed; unknown keys are errors)."""
     if not Path(path).exists():
         raise ConfigError(f"{path}: not found; write it with `python -m pipeline.compose`")
     cfg = OmegaConf.load(path)
-    OmegaConf.set_struct(cfg, True)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__" and key != "stage":
+        key = item.split("=", 1)[0]
+        if key != "stage" and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             raise ConfigError(f"config key '{key}' does not exist in {path}")
-        OmegaConf.update(cfg, key, _parse(value), force_add=key == "stage")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     _warn_drift(path, cfg)
     return cfg
 
 
-def _parse(value: str):
-    return OmegaConf.create({"v": value})["v"] if value not in ("null", "~") else None
+_ABSENT = object()
 
 
 def _warn_drift(path: str, cfg: DictConfig) -> None:

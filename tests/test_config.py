@@ -78,3 +78,14 @@ def test_params_door_rejects_unknown_keys(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2
     assert "config key 'base.lrr' does not exist in params.yaml" in proc.stderr
+
+
+def test_params_door_types_overrides_like_yaml(tmp_path):
+    from pipeline.run import load_params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    cfg = load_params(str(tmp_path / "params.yaml"), ["stage=sft", "sft.lr=0.01", "evaluate.variants=[sft]",
+                                                       "model.revision=null"])
+    assert cfg.stage == "sft" and cfg.sft.lr == 0.01 and list(cfg.evaluate.variants) == ["sft"]
+    assert cfg.model.revision is None
+    validate(cfg)
