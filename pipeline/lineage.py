@@ -7,7 +7,8 @@ metrics and its key artifacts. The stage writes the same facts into ``run.json``
 
 Parent runs. Stages run as separate processes, so the parent is found by an *execution key*:
 
-1. ``POSTTRAIN_PARENT_RUN_ID`` in the environment: that run (set by a sweep callback or a wrapper);
+1. ``POSTTRAIN_PARENT_RUN_ID`` in the environment: that run (set by the sweep callback,
+   :mod:`pipeline.sweep`, or a wrapper, which also closes it);
 2. ``POSTTRAIN_EXECUTION``: any string a wrapper sets for all stages of one execution;
 3. otherwise the ``dvc`` process that launched this stage (pid and start time), so every stage of one
    ``dvc repro`` shares one parent;
@@ -269,7 +270,7 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
         status = "FINISHED"
     finally:
         client.set_terminated(current.run_id, status=status)
-        if parent:
+        if parent and not os.environ.get(PARENT_ENV):  # a sweep's or wrapper's parent is closed by its owner
             client.set_terminated(parent, status=status)
 
 
