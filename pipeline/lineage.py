@@ -40,11 +40,12 @@ PACKAGES = ("torch", "lightning", "transformers", "peft", "trl", "hydra-core", "
 
 def tracking_uri(cfg: DictConfig) -> str:
     """The MLflow tracking URI: ``$MLFLOW_TRACKING_URI``, else ``logger.tracking_uri``, else a local
-    SQLite store under ``./mlruns`` (created on first use)."""
+    SQLite store under ``mlruns/`` of the DVC repo (``$DVC_ROOT``, which DVC points at the main repo even
+    for queued experiments running in temporary copies) or of the current directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
     if uri:
         return uri
-    store = Path("mlruns").resolve()
+    store = (Path(os.environ.get("DVC_ROOT", ".")) / "mlruns").resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 
@@ -220,7 +221,7 @@ def _experiment_id(client, cfg: DictConfig) -> str:
     exp = client.get_experiment_by_name(cfg.logger.experiment)
     if exp is not None:
         return exp.experiment_id
-    root = Path(cfg.logger.artifact_root).resolve()
+    root = (Path(os.environ.get("DVC_ROOT", ".")) / cfg.logger.artifact_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     try:
         return client.create_experiment(cfg.logger.experiment, artifact_location=root.as_uri())
