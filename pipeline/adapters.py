@@ -25,15 +25,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.schema import ConfigError
+from pipeline.schema import PROMPT_LEARNING, ConfigError
 
 PEFT_CLASSES = {
     "lora": "LoraConfig", "ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig", "oft": "OFTConfig",
     "vera": "VeraConfig", "adalora": "AdaLoraConfig", "ln_tuning": "LNTuningConfig",
     "prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig", "p_tuning": "PromptEncoderConfig",
 }
-PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
-METHODS = (*PEFT_CLASSES, "bitfit", "none")
 ADAPTER_DIR = "adapter"
 OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output", "score", "v_head")
 
@@ -155,11 +153,10 @@ def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: 
     from peft import PeftModel
 
     base = load_causal_lm(base_path, model_cfg, dtype=torch.float32)
-    restored = PeftModel.from_pretrained(base, str(adapter_dir))
     if cfg.method in PROMPT_LEARNING:
         base.save_pretrained(out, safe_serialization=True)  # nothing to merge: base + adapter
         return
-    restored.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(out, safe_serialization=True)
 
 
 def load_trained(folder: str | Path, model_cfg: DictConfig | None = None):
@@ -171,7 +168,7 @@ def load_trained(folder: str | Path, model_cfg: DictConfig | None = None):
     adapter_dir = folder / ADAPTER_DIR
     if adapter_dir.exists():
         peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "")
-        if peft_type.lower() in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        if peft_type.lower() in PROMPT_LEARNING:
             from peft import PeftModel
 
             return PeftModel.from_pretrained(model, str(adapter_dir))

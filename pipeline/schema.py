@@ -20,6 +20,8 @@ STAGES = ("base", "prepare", "sft", "evaluate")
 # Evaluation variants: a model plus a prompting style.
 VARIANTS = ("base_zero_shot", "base_few_shot", "sft")
 # peft methods (pipeline.adapters maps them to peft classes) plus bitfit and full fine-tuning.
+# Prompt-learning peft methods: virtual tokens instead of weight updates (nothing to merge, no packing).
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 PEFT_METHODS = ("lora", "ia3", "loha", "lokr", "oft", "vera", "adalora", "ln_tuning",
                 "prompt_tuning", "prefix_tuning", "p_tuning", "bitfit", "none")
 
@@ -271,7 +273,7 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.sft.packing and cfg.sft.pack_length < cfg.data.max_tokens:
         raise ConfigError(f"config key 'sft.pack_length' = {cfg.sft.pack_length} is below data.max_tokens = "
                           f"{cfg.data.max_tokens}: the longest rows would not fit a pack")
-    if cfg.sft.packing and cfg.peft.method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+    if cfg.sft.packing and cfg.peft.method in PROMPT_LEARNING:
         raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {cfg.peft.method!r} "
                           "(virtual tokens would be shared by every example of a pack); set sft.packing=false")
     unknown = sorted(set(cfg.evaluate.variants) - set(VARIANTS))

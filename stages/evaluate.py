@@ -69,9 +69,10 @@ class PromptBuilder:
         self.tok, self.variant, self.context, self.max_new_tokens = tokenizer, variant, context, max_new_tokens
         self.shots_by_family: dict[str, list[dict]] = defaultdict(list)
         for row in train_rows:  # few-shot examples show the preferred behaviour only
-            if row["meta"].get("style", "concise") in ("concise", "refusal") or not row["meta"].get("harmful", True):
-                if row["meta"].get("style") != "verbose":
-                    self.shots_by_family[row["meta"].get("family", "all")].append(row)
+            meta = row["meta"]
+            dispreferred = meta.get("style") == "verbose" or (meta.get("harmful") and meta.get("style") == "compliance")
+            if not dispreferred:
+                self.shots_by_family[meta.get("family", "all")].append(row)
         self.all_shots = [r for rows in self.shots_by_family.values() for r in rows]
         self.seed = seed
 
@@ -101,12 +102,11 @@ class PromptBuilder:
             shots.pop(0)  # drop examples rather than overflow the model's context
         return [t for shot in shots for t in shot] + query
 
-    def with_reference(self, row: dict, index: int) -> tuple[list[int], int]:
-        """(prompt + reference response + end token, prompt length) for teacher-forced perplexity."""
-        if self.variant.style == "chat":
-            ids = render_ids(self.tok, row["messages"])
-            return ids, len(render_ids(self.tok, row["messages"][:-1], add_generation_prompt=True))
-        prompt = self.prompt(row, index)
+    def with_reference(self, row: dict, prompt: list[int]) -> tuple[list[int], int]:
+        """(prompt + reference response + end token, prompt length) for teacher-forced perplexity, given the
+        row's generation prompt from :meth:`prompt`."""
+        if self.variant.style == "chat":  # the template renders the reference and its end-of-turn token
+            return render_ids(self.tok, row["messages"]), len(prompt)
         return prompt + self._plain(row["messages"][-1]["content"]) + [self.tok.eos_token_id], len(prompt)
 
     def stop_ids(self) -> list[int]:
@@ -134,7 +134,7 @@ class EvalModule(L.LightningModule):
                                temperature=self.cfg.temperature, top_p=self.cfg.top_p)
         self.gen_stats["new_tokens"] += stats["new_tokens"]
         self.gen_stats["seconds"] += stats["seconds"]
-        nll, counts = self.reference_nll([self.builder.with_reference(row, i) for i, row in batch])
+        nll, counts = self.reference_nll([self.builder.with_reference(row, p) for (_, row), p in zip(batch, prompts)])
         for (i, row), out, n, c in zip(batch, outs, nll, counts):
             meta = row["meta"]
             response = out.text.split("\n")[0].strip() if self.builder.variant.style == "plain" else out.text

@@ -68,7 +68,7 @@ def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context
     assert len(tight.prompt(row, 0)) + 20 <= 60
     chat = PromptBuilder(tok, Variant("sft", "data/sft", "chat"), train, seed=0, context=256, max_new_tokens=20)
     assert tok.decode(chat.prompt(row, 0)) == "<s><|user|>Add 2 and 2.<|assistant|>"
-    full, n_prompt = chat.with_reference(row, 0)
+    full, n_prompt = chat.with_reference(row, chat.prompt(row, 0))
     assert tok.decode(full[n_prompt:]) == "4</s>"
 
 

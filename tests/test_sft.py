@@ -183,3 +183,12 @@ def test_merged_model_equals_base_plus_adapter(smoke_chain, in_tmp):
         assert torch.allclose(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-5)
     run = json.loads((out / "run.json").read_text())
     assert set(run["inputs"]) == {"base", "prepare"}
+
+
+def test_every_configurable_peft_method_maps_to_a_peft_class_or_is_handled_here():
+    import peft
+
+    from pipeline.schema import PEFT_METHODS
+
+    assert set(adapters.PEFT_CLASSES) | {"bitfit", "none"} == set(PEFT_METHODS)
+    assert all(hasattr(peft, cls) for cls in adapters.PEFT_CLASSES.values())
