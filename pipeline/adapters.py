@@ -69,8 +69,11 @@ def feedforward_modules(model: torch.nn.Module) -> list[str]:
     return sorted(set(found))
 
 
-def peft_config(cfg: DictConfig, model: torch.nn.Module):
-    """The peft config object for ``cfg`` (``conf/peft``), with targets resolved for ``model``."""
+def peft_config(cfg: DictConfig, model: torch.nn.Module, task_type: str = "CAUSAL_LM"):
+    """The peft config object for ``cfg`` (``conf/peft``), with targets resolved for ``model``.
+
+    ``task_type="SEQ_CLS"`` (reward models, critics) makes peft train the scalar head in full beside the adapter.
+    """
     import inspect
 
     import peft
@@ -89,11 +92,12 @@ def peft_config(cfg: DictConfig, model: torch.nn.Module):
             ff = feedforward_modules(model)
             options["target_modules"] = sorted(set(options["target_modules"]) | set(ff))
             options.setdefault("feedforward_modules", ff)
-    return cls(task_type="CAUSAL_LM", **options)
+    return cls(task_type=task_type, **options)
 
 
-def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
-    """Make ``model`` trainable the configured way; return the (possibly wrapped) model."""
+def apply(model: torch.nn.Module, cfg: DictConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Make ``model`` trainable the configured way; return the (possibly wrapped) model. For
+    ``task_type="SEQ_CLS"`` the scalar head is always trained."""
     if cfg.method == "none":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -102,7 +106,7 @@ def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
         biases = 0
         for name, p in model.named_parameters():
             is_bias = name.endswith(".bias")
-            p.requires_grad_(is_bias)
+            p.requires_grad_(is_bias or (task_type == "SEQ_CLS" and name.split(".")[0] in OUTPUT_HEAD_NAMES))
             biases += is_bias
         if not biases:
             raise ConfigError(f"peft.method = bitfit: the model ({type(model).__name__}) has no bias parameters "
@@ -112,7 +116,7 @@ def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
 
     if cfg.quantize_base:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, peft_config(cfg, model))
+    return get_peft_model(model, peft_config(cfg, model, task_type))
 
 
 def quantization_config(cfg: DictConfig):
@@ -130,12 +134,13 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: str, model_cfg: DictConfig,
-                 base_ref: str) -> None:
+                 base_ref: str, load_base=None) -> None:
     """Save a trained model into ``out``: merged full-precision weights (plus ``adapter/``) for adapter
     methods, the whole model for full fine-tuning and BitFit, base + ``adapter/`` for prompt learning.
 
     ``base_ref`` is what ``adapter_config.json`` records as the base model (peft writes an absolute
     local path, which would not survive a move or DVC's cache): a relative or hub reference.
+    ``load_base(path, model_cfg, dtype=...)`` loads the base for merging (default: a causal LM).
     """
     from pipeline.models import load_causal_lm
 
@@ -152,7 +157,7 @@ def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: 
     # goes onto a fresh fp32 copy of the base.
     from peft import PeftModel
 
-    base = load_causal_lm(base_path, model_cfg, dtype=torch.float32)
+    base = (load_base or load_causal_lm)(base_path, model_cfg, dtype=torch.float32)
     if cfg.method in PROMPT_LEARNING:
         base.save_pretrained(out, safe_serialization=True)  # nothing to merge: base + adapter
         return

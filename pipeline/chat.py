@@ -58,6 +58,28 @@ def read_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any]]:
         raise InputError(f"{path}: unknown format {fmt!r}; valid: ['auto', 'jsonl', 'parquet', 'hf']")
 
 
+def json_objects(path: str | Path, what: str, missing_hint: str = "") -> Iterator[tuple[str, dict]]:
+    """Yield ``("file:line", object)`` for every non-empty line of a JSONL file of ``what`` (e.g. "labels").
+
+    A missing or empty file, a line that is not JSON and a line that is not an object raise
+    :class:`InputError` naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found" + (f" ({missing_hint})" if missing_hint else ""))
+    found = False
+    for number, row in read_rows(path, "jsonl"):
+        where = f"{path}:{number}"
+        if isinstance(row, InputError):
+            raise row
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+        found = True
+        yield where, row
+    if not found:
+        raise InputError(f"{path}: no {what} in the file")
+
+
 def normalize_row(raw: Any, where: str) -> dict:
     """Check one raw row and return ``{"messages": [...], "meta": {...}}``; raise :class:`InputError`.
 

@@ -39,3 +39,15 @@ def set_offline(offline: bool) -> None:
         return
     os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
     os.environ["TRANSFORMERS_OFFLINE"] = "1" if offline else "0"
+
+
+# Import-time noise that says nothing about this project: torchao's CUDA-only kernels failing to load on a
+# CPU machine, and torch's deprecation notice for torchao's enum registration. Errors still show.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -99,10 +99,22 @@ def load_causal_lm(path: str | Path, model_cfg: DictConfig | None = None, **kwar
     """Load a causal LM from a folder or hub id, from safetensors only."""
     from transformers import AutoModelForCausalLM
 
+    return _load(AutoModelForCausalLM, "a causal LM", path, model_cfg, **kwargs)
+
+
+def load_sequence_scorer(path: str | Path, model_cfg: DictConfig | None = None, **kwargs: Any):
+    """Load a model with a scalar head (``AutoModelForSequenceClassification``, one label) from a folder or
+    hub id, from safetensors only. A causal LM's folder gets a freshly initialized head."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, "a sequence scorer", path, model_cfg, num_labels=1, **kwargs)
+
+
+def _load(auto_class, what: str, path: str | Path, model_cfg: DictConfig | None, **kwargs: Any):
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), **_load_kwargs(model_cfg), **kwargs)
+        return auto_class.from_pretrained(str(path), **_load_kwargs(model_cfg), **kwargs)
     except ValueError as err:
-        raise ModelError(f"{path}: cannot be loaded as a causal LM: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"{path}: cannot be loaded as {what}: {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise ModelError(f"{path}: {str(err).splitlines()[0]} (weights must be safetensors; "
                          "a hub id needs offline=false and network)") from None

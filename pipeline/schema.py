@@ -16,9 +16,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("base", "prepare", "sft", "evaluate")
+STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "evaluate")
+DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo")
+JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
-VARIANTS = ("base_zero_shot", "base_few_shot", "sft")
+VARIANTS = ("base_zero_shot", "base_few_shot", "sft", "dpo")
 # peft methods (pipeline.adapters maps them to peft classes) plus bitfit and full fine-tuning.
 # Prompt-learning peft methods: virtual tokens instead of weight updates (nothing to merge, no packing).
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -112,18 +114,24 @@ class LoggerConfig:
 
 
 @dataclass
-class BaseStageConfig:
-    num_lines: int = bounded(10)
-    qa_share: float = bounded(0.0, 1.0)
-    val_lines: int = bounded(1)
-    seq_len: int = bounded(8)
-    batch_size: int = bounded(1)
+class TrainingStageConfig:
+    """What every training stage's optimization loop reads (each stage adds its own keys)."""
+
     max_steps: int = bounded(1)
+    batch_size: int = bounded(1)
     lr: float = bounded(0.0, 1.0)
     warmup_steps: int = bounded(0)
     weight_decay: float = bounded(0.0, 1.0)
     val_every_n_steps: int = bounded(1)
     checkpoint_every_n_steps: int = bounded(1)
+
+
+@dataclass
+class BaseStageConfig(TrainingStageConfig):
+    num_lines: int = bounded(10)
+    qa_share: float = bounded(0.0, 1.0)
+    val_lines: int = bounded(1)
+    seq_len: int = bounded(8)
 
 
 @dataclass
@@ -132,17 +140,10 @@ class PrepareStageConfig:
 
 
 @dataclass
-class SftStageConfig:
-    max_steps: int = bounded(1)
-    batch_size: int = bounded(1)
+class SftStageConfig(TrainingStageConfig):
     accumulate_grad_batches: int = bounded(1)
-    lr: float = bounded(0.0, 1.0)
-    warmup_steps: int = bounded(0)
-    weight_decay: float = bounded(0.0, 1.0)
     packing: bool = False
     pack_length: int = bounded(8)
-    val_every_n_steps: int = bounded(1)
-    checkpoint_every_n_steps: int = bounded(1)
 
 
 @dataclass
@@ -154,6 +155,58 @@ class EvaluateStageConfig:
     do_sample: bool = False
     temperature: float = bounded(0.0)
     top_p: float = bounded(0.0, 1.0)
+    sampled_accuracy: bool = True
+
+
+@dataclass
+class CollectStageConfig:
+    k: int = bounded(2)
+    temperature: float = bounded(0.01)
+    top_p: float = bounded(0.01, 1.0)
+    max_new_tokens: int = bounded(1)
+    batch_size: int = bounded(1)
+    pairs: str = choice("best_worst", "all_distinct", "random")
+    max_pairs_per_prompt: int = bounded(1)
+    drop_unfinished: bool = True
+
+
+@dataclass
+class RewardStageConfig(TrainingStageConfig):
+    backbone: Optional[str] = None
+    margin_scale: float = bounded(0.0)
+    center_coef: float = bounded(0.0)
+    val_share: float = bounded(0.01, 0.9)
+    max_tokens: int = bounded(8)
+    min_accuracy: float = bounded(0.0, 1.0)
+
+
+@dataclass
+class DpoStageConfig(TrainingStageConfig):
+    loss: str = choice(*DPO_LOSSES)
+    beta: float = bounded(1e-6)
+    label_smoothing: float = bounded(0.0, 0.5)
+    simpo_gamma: float = bounded(0.0)
+    rpo_alpha: float = bounded(0.0)
+    orpo_lambda: float = bounded(0.0)
+    reference: str = choice("disable_adapter", "precompute")
+    accumulate_grad_batches: int = bounded(1)
+    val_share: float = bounded(0.01, 0.9)
+    max_tokens: int = bounded(8)
+
+
+@dataclass
+class JudgeConfig:
+    """One schema for every judge; each ``conf/judge/*.yaml`` sets only the keys its judge reads."""
+
+    name: str = choice(*JUDGES)
+    function: Optional[str] = None
+    model: Optional[str] = None
+    template: Optional[str] = None
+    labels: Optional[List[str]] = None
+    use_chat_template: bool = True
+    batch_size: int = bounded(1, default=64)
+    labels_file: Optional[str] = None
+    conflict: str = choice("majority", "unanimous", default="majority")
 
 
 @dataclass
@@ -178,6 +231,10 @@ class RootConfig:
     base: BaseStageConfig = field(default_factory=BaseStageConfig)
     prepare: PrepareStageConfig = field(default_factory=PrepareStageConfig)
     sft: SftStageConfig = field(default_factory=SftStageConfig)
+    collect: CollectStageConfig = field(default_factory=CollectStageConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    dpo: DpoStageConfig = field(default_factory=DpoStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
@@ -276,6 +333,12 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.sft.packing and cfg.peft.method in PROMPT_LEARNING:
         raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {cfg.peft.method!r} "
                           "(virtual tokens would be shared by every example of a pack); set sft.packing=false")
+    judge = cfg.judge
+    needs = {"function": "function", "llm": "template", "human": "labels_file"}.get(judge.name)
+    if needs and not judge.get(needs):
+        raise ConfigError(f"config key 'judge.{needs}' needs a value for judge.name = {judge.name!r}")
+    if judge.name == "llm" and (not judge.labels or len(judge.labels) != 2):
+        raise ConfigError(f"config key 'judge.labels' must list two labels for the llm judge, got {judge.labels}")
     unknown = sorted(set(cfg.evaluate.variants) - set(VARIANTS))
     if unknown:
         raise ConfigError(f"config key 'evaluate.variants' has {unknown[0]!r}; valid: {list(VARIANTS)}")

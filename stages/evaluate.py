@@ -53,13 +53,14 @@ class Variant:
 
 
 def variants(cfg: DictConfig) -> list[Variant]:
+    """The configured variants: the base model prompted plainly, or a trained stage's model (its folder
+    ``data/<name>``) through its chat template."""
     data = Path(cfg.paths.data)
     known = {
         "base_zero_shot": Variant("base_zero_shot", str(data / "base"), "plain", 0),
         "base_few_shot": Variant("base_few_shot", str(data / "base"), "plain", cfg.evaluate.few_shot),
-        "sft": Variant("sft", str(data / "sft"), "chat"),
     }
-    return [known[name] for name in cfg.evaluate.variants]
+    return [known.get(name) or Variant(name, str(data / name), "chat") for name in cfg.evaluate.variants]
 
 
 class PromptBuilder:
@@ -121,9 +122,11 @@ class PromptBuilder:
 class EvalModule(L.LightningModule):
     """Generates, verifies and scores one variant on batches of test rows (``Trainer.test``)."""
 
-    def __init__(self, model, tokenizer, builder: PromptBuilder, cfg: DictConfig):
+    def __init__(self, model, tokenizer, builder: PromptBuilder, cfg: DictConfig, reference=None):
         super().__init__()
         self.model, self.tok, self.builder, self.cfg = model, tokenizer, builder, cfg.evaluate
+        self.reference = reference  # the SFT model, for KL of this variant's answers to it (None: not measured)
+        self.seed = cfg.seed
         self.records: list[dict] = []
         self.gen_stats = {"new_tokens": 0, "seconds": 0.0}
 
@@ -135,7 +138,13 @@ class EvalModule(L.LightningModule):
         self.gen_stats["new_tokens"] += stats["new_tokens"]
         self.gen_stats["seconds"] += stats["seconds"]
         nll, counts = self.reference_nll([self.builder.with_reference(row, p) for (_, row), p in zip(batch, prompts)])
-        for (i, row), out, n, c in zip(batch, outs, nll, counts):
+        kls = self.kl_to_reference(prompts, [o.ids for o in outs]) if self.reference is not None else [None] * len(outs)
+        sampled = [None] * len(outs)
+        if self.cfg.sampled_accuracy:  # the same prompts sampled at temperature 1: what RL-style training sees
+            sampled, _ = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
+                                  stop_ids=self.builder.stop_ids(), do_sample=True, temperature=1.0,
+                                  generator_seed=self.seed * 7919 + batch_idx)
+        for (i, row), out, n, c, kl, samp in zip(batch, outs, nll, counts, kls, sampled):
             meta = row["meta"]
             response = out.text.split("\n")[0].strip() if self.builder.variant.style == "plain" else out.text
             self.records.append({
@@ -144,8 +153,28 @@ class EvalModule(L.LightningModule):
                 "correct": score(meta, row["messages"][-1]["content"], response),
                 "held_out_template": bool(meta.get("held_out_template")),
                 "held_out_family": bool(meta.get("held_out_family")), "harmful": bool(meta.get("harmful")),
-                "nll": n, "ref_tokens": c,
+                "nll": n, "ref_tokens": c, "kl": kl,
+                "sampled_correct": None if samp is None else score(meta, row["messages"][-1]["content"], self._clean(samp.text)),
             })
+
+    def _clean(self, text: str) -> str:
+        return text.split("\n")[0].strip() if self.builder.variant.style == "plain" else text
+
+    @torch.no_grad()
+    def kl_to_reference(self, prompts: list[list[int]], responses: list[list[int]]) -> list[tuple[float, int]]:
+        """(summed KL(policy || reference) over the response's positions, positions) per row: the full
+        next-token distributions of both models at every step of this variant's own answer."""
+        rows = [p + r for p, r in zip(prompts, responses)]
+        ids, mask = left_pad(rows, self.tok.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1)
+        ref = torch.log_softmax(self.reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1)
+        kl = (logp.exp() * (logp - ref)).sum(-1)  # (rows, width): KL at each position's next-token distribution
+        out, width = [], ids.shape[1]
+        for row, r in enumerate(responses):
+            start = width - len(r) - 1  # left padding: the position that predicts the first response token
+            out.append((float(kl[row, start:start + len(r)].sum()), len(r)))
+        return out
 
     @torch.no_grad()
     def reference_nll(self, pairs: list[tuple[list[int], int]]) -> tuple[list[float], list[int]]:
@@ -191,9 +220,35 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
         "test/unfinished_rate": 1 - rate(records, "finished"),
         "test/tokens_per_second": gen_stats["new_tokens"] / max(gen_stats["seconds"], 1e-9),
     }
+    if records and records[0].get("kl") is not None:
+        metrics["test/kl_to_sft"] = sum(r["kl"][0] for r in records) / max(sum(r["kl"][1] for r in records), 1)
+    if records and records[0].get("sampled_correct") is not None:
+        metrics["test/accuracy_sampled"] = rate(records, "sampled_correct")
     for family in sorted({r["family"] for r in records}):
         metrics[f"test/accuracy_{family}"] = rate([r for r in records if r["family"] == family])
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def win_rates(records: list[dict], baseline: list[dict], rows: dict[str, dict]) -> dict[str, float]:
+    """The verifier judging this variant's answer against the SFT model's on every test prompt.
+
+    ``test/win_rate_vs_sft`` = (wins + ties / 2) / prompts (ties counted as half, AlpacaEval style);
+    ``test/decisive_win_rate_vs_sft`` = wins / (wins + losses); ``test/tie_rate_vs_sft``. The verifier
+    scores each answer on its own, so the order of the two answers cannot matter.
+    """
+    from pipeline.judges import verifier_score
+
+    theirs = {r["id"]: r["response"] for r in baseline}
+    wins = ties = losses = 0
+    for r in records:
+        if r["id"] not in theirs:
+            continue
+        mine, other = verifier_score(rows[r["id"]], r["response"]), verifier_score(rows[r["id"]], theirs[r["id"]])
+        wins, ties, losses = wins + (mine > other), ties + (mine == other), losses + (mine < other)
+    n = wins + ties + losses
+    return {"test/win_rate_vs_sft": round((wins + ties / 2) / n, 4) if n else float("nan"),
+            "test/decisive_win_rate_vs_sft": round(wins / (wins + losses), 4) if wins + losses else 0.5,
+            "test/tie_rate_vs_sft": round(ties / n, 4) if n else float("nan")}
 
 
 def annotate(records: list[dict]) -> None:
@@ -218,7 +273,11 @@ def evaluate_variant(variant: Variant, cfg: DictConfig, test_rows: list[dict], t
     model = load_variant_model(variant, cfg).eval()
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     builder = PromptBuilder(tokenizer, variant, train_rows, cfg.seed, context, cfg.evaluate.max_new_tokens)
-    module = EvalModule(model, tokenizer, builder, cfg)
+    sft_dir = Path(cfg.paths.data) / "sft"
+    reference = None
+    if variant.style == "chat" and variant.name != "sft" and sft_dir.exists():
+        reference = load_variant_model(Variant("sft", str(sft_dir), "chat"), cfg).eval()
+    module = EvalModule(model, tokenizer, builder, cfg, reference)
     loader = DataLoader(list(enumerate(test_rows)), batch_size=cfg.evaluate.batch_size, collate_fn=list)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -241,13 +300,17 @@ def main(cfg: DictConfig) -> dict:
             run.add_input(folder, data / folder)
         test_rows = read_jsonl(data / "prepare" / "test.jsonl")
         train_rows = read_jsonl(data / "prepare" / "train.jsonl")
-        results, generations = {}, []
+        results, generations, by_variant = {}, [], {}
         for variant in chosen:
             seed_everything(cfg)
             metrics, records = evaluate_variant(variant, cfg, test_rows, train_rows)
             results[variant.name] = metrics
+            by_variant[variant.name] = records
             generations += [{"variant": variant.name, **r} for r in records]
-            child = run.child(variant.name, tags={"posttrain.variant": variant.name})
+        for name, metrics in results.items():
+            if "sft" in by_variant and name != "sft":
+                metrics.update(win_rates(by_variant[name], by_variant["sft"], {r["id"]: r for r in test_rows}))
+            child = run.child(name, tags={"posttrain.variant": name})
             child.log_metrics(metrics)
             child.finish()
         with atomic_dir(out) as tmp:

@@ -37,6 +37,7 @@ from pipeline import suite
 from pipeline.chat import InputError, encode, load_files, prompt_of
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_tokenizer
+from pipeline.plots import write_histogram
 from pipeline.outputs import atomic_dir, write_atomic, write_json
 
 SPLITS = ("train", "val", "test", "prompts")
@@ -278,29 +279,5 @@ def card_markdown(card: dict) -> str:
 
 def write_length_plot(splits: dict[str, list[dict]], folder: Path, bins: int) -> None:
     """Token-length histogram: CSV for ``dvc plots`` and a PNG for the card and MLflow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lengths = {name: [r["num_tokens"] for r in rs] for name, rs in splits.items()}
-    edges = np.histogram_bin_edges([n for ls in lengths.values() for n in ls], bins=bins)
-    counts = {name: np.histogram(ls, bins=edges)[0] for name, ls in lengths.items()}
-    header = "tokens," + ",".join(counts)
-    body = [f"{int(edges[i])}," + ",".join(str(int(c[i])) for c in counts.values()) for i in range(len(edges) - 1)]
-    write_atomic(folder / "token_lengths.csv", "\n".join([header, *body]) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, ls in lengths.items():
-        ax.hist(ls, bins=edges, alpha=0.5, label=f"{name} ({len(ls)})")
-    ax.set_xlabel("tokens per row (prompt + response, chat template)")
-    ax.set_ylabel("rows")
-    ax.set_title("Token lengths per split")
-    ax.legend()
-    fig.tight_layout()
-    tmp = folder / ".token_lengths.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(folder / "token_lengths.png")
+    write_histogram(folder, "token_lengths", {name: [r["num_tokens"] for r in rs] for name, rs in splits.items()},
+                    bins, "tokens", "tokens per row (prompt + response, chat template)", "rows", "Token lengths per split")

@@ -13,7 +13,7 @@ import pytest
 import pipeline  # noqa: F401  (telemetry off)
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("conf", "pipeline", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+PROJECT_FILES = ("conf", "pipeline", "stages", "data/labels", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 
 
 def compose(*overrides: str):
@@ -113,3 +113,37 @@ def save_tiny_model(folder: Path, arch: str, with_template: bool = True) -> Path
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def sft_chain(smoke_chain, tmp_path_factory) -> Path:
+    """The smoke chain through sft (a copy of ``smoke_chain`` plus the sft stage), shared read-only."""
+    workdir = tmp_path_factory.mktemp("sft_chain")
+    shutil.copytree(smoke_chain, workdir, dirs_exist_ok=True)
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        run_stage("sft")
+    finally:
+        os.chdir(old)
+    return workdir
+
+
+def copy_chain(chain: Path, dest: Path) -> Path:
+    """A private copy of a shared chain folder, to run further stages in."""
+    shutil.copytree(chain, dest, dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pairs_chain(sft_chain, tmp_path_factory) -> Path:
+    """The smoke chain through collect, judged by the shipped brevity function (the smoke policy is too weak
+    for the verifier to separate its samples), shared read-only."""
+    workdir = copy_chain(sft_chain, tmp_path_factory.mktemp("pairs_chain"))
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        run_stage("collect", "judge=function")
+    finally:
+        os.chdir(old)
+    return workdir

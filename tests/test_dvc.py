@@ -33,32 +33,47 @@ def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("dvc") / "repo", "experiment=smoke")
 
 
+ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "evaluate"}
+AFTER_SFT = {"collect", "reward", "dpo", "evaluate"}
+
+
 def test_invalidation_rules(project):
     first = sh("dvc", "repro", cwd=project).stdout
-    assert ran(first) == {"base", "prepare", "sft", "evaluate"}
+    assert ran(first) == ALL
     again = sh("dvc", "repro", cwd=project).stdout
     assert ran(again) == set() and "Data and pipelines are up to date" in again
 
-    set_param(project, "sft.lr", 0.001)  # an SFT hyperparameter: sft and evaluate only
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"sft", "evaluate"}
+    set_param(project, "sft.lr", 0.001)  # an SFT hyperparameter: sft and everything that reads its model
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"sft"} | AFTER_SFT
 
     set_param(project, "evaluate.few_shot", 2)  # an evaluate parameter: evaluate only
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate"}
 
-    set_param(project, "data.verbose_share", 0.5)  # a prepare parameter: prepare and everything after it
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"prepare", "sft", "evaluate"}
+    set_param(project, "collect.k", 3)  # a collect parameter: collect and the stages reading its pairs
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == AFTER_SFT
+    set_param(project, "judge.batch_size", 32)  # a judge parameter that leaves the pairs as they were
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"collect"}
+    (project / "data/labels/new.jsonl").write_text("")  # new human labels: collect reruns
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"collect"}
+
+    set_param(project, "reward.lr", 0.002)  # a reward parameter: reward only (no stage reads it yet)
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"reward"}
+    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo and evaluate
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "evaluate"}
+    with open(project / "stages" / "dpo.py", "a") as fh:  # dpo's code
+        fh.write("\n# a change to dpo's code\n")
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "evaluate"}
 
     set_param(project, "logger.experiment", "elsewhere")  # read by no stage as a parameter
     set_param(project, "trainer.progress_bar", False)
     assert ran(sh("dvc", "repro", cwd=project).stdout) == set()
     set_param(project, "logger.experiment", "posttrain")
 
-    with open(project / "stages" / "sft.py", "a") as fh:  # sft's code
-        fh.write("\n# a change to sft's code\n")
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"sft", "evaluate"}
+    set_param(project, "data.verbose_share", 0.5)  # a prepare parameter: prepare and everything after it
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == ALL - {"base"}
 
     set_param(project, "base.lr", 0.002)  # a base parameter: base reruns, and so does everything after it
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"base", "prepare", "sft", "evaluate"}
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == ALL
 
 
 def test_lineage_parent_run_per_dvc_execution(project):
@@ -71,7 +86,7 @@ def test_lineage_parent_run_per_dvc_execution(project):
     parents = [r for r in runs if r.data.tags.get("posttrain.kind") == "pipeline"]
     newest = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["base", "evaluate", "prepare", "sft"]
+    assert sorted(r.info.run_name for r in children) == sorted(ALL)
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
     assert sorted(r.info.run_name for r in variants) == ["base_few_shot", "base_zero_shot", "sft"]
@@ -88,7 +103,7 @@ def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "baseline", cwd=project)
     out = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "data.verbose_share=0.1", cwd=project).stdout
-    assert ran(out) == {"prepare", "sft", "evaluate"}
+    assert ran(out) == ALL - {"base"}
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["data"]["verbose_share"] == 0.1 and params["base"]["max_steps"] == 30
     shown = sh("dvc", "exp", "show", "--json", cwd=project).stdout
@@ -97,14 +112,19 @@ def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
     assert "data/metrics/prepare.json" in diff
 
 
+UPSTREAM = {"sft": "prepare", "reward": "collect", "dpo": "collect"}
+
+
 @pytest.mark.parametrize(("stage", "overrides", "kill_at"), [
     ("base", ("base.max_steps=60", "base.checkpoint_every_n_steps=10"), 25),
     ("sft", ("sft.max_steps=30", "sft.checkpoint_every_n_steps=10"), 15),
+    ("reward", ("judge=function", "reward.max_steps=30", "reward.checkpoint_every_n_steps=10"), 15),
+    ("dpo", ("judge=function", "dpo.max_steps=30", "dpo.checkpoint_every_n_steps=10", "dpo.lr=1e-3"), 15),
 ])
 def test_kill_mid_training_then_rerun_resumes_and_matches(tmp_path, stage, overrides, kill_at):
     project = make_project(tmp_path / "repo", "experiment=smoke", *overrides)
-    if stage != "base":
-        sh("dvc", "repro", "prepare", cwd=project)
+    if stage in UPSTREAM:
+        sh("dvc", "repro", UPSTREAM[stage], cwd=project)
     env = subprocess_env()
     env[KILL_ENV] = str(kill_at)
     killed = sh("dvc", "repro", stage, cwd=project, check=False, env=env)

@@ -76,3 +76,42 @@ def test_report_lists_every_variant_and_samples():
     records = [dict(record("add", "12", True), variant=v) for v in ("base_few_shot", "sft")]
     text = report_markdown({"base_few_shot": {"test/accuracy": 0.1}, "sft": {"test/accuracy": 0.6}}, records)
     assert "| test/accuracy | 0.100 | 0.600 |" in text and "- sft: `12` ok" in text
+
+
+def test_win_rate_against_sft_counts_wins_ties_and_losses_by_hand():
+    from stages.evaluate import win_rates
+
+    rows = {str(i): {"id": str(i), "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "5"}],
+                     "meta": {"family": "next", "answer": "5"}} for i in range(4)}
+    mine = [{"id": "0", "response": "5"}, {"id": "1", "response": "5"}, {"id": "2", "response": "6"},
+            {"id": "3", "response": "The answer is 5."}]
+    sft = [{"id": "0", "response": "The answer is 5."}, {"id": "1", "response": "5"}, {"id": "2", "response": "5"},
+           {"id": "3", "response": "7"}]
+    # concise beats verbose (win), same (tie), wrong vs right (loss), verbose-right vs wrong (win)
+    m = win_rates(mine, sft, rows)
+    assert m["test/win_rate_vs_sft"] == (2 + 0.5) / 4
+    assert m["test/decisive_win_rate_vs_sft"] == round(2 / 3, 4) and m["test/tie_rate_vs_sft"] == 0.25
+
+
+def test_kl_to_reference_is_zero_against_itself_and_matches_an_unpadded_computation():
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.models import build_causal_lm, render_ids
+    from stages.evaluate import EvalModule
+
+    tok = build_char_tokenizer()
+    arch = OmegaConf.create(dict(type="llama", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                 max_position=256, dropout=0.0))
+    model, other = build_causal_lm(arch, tok, 0).eval(), build_causal_lm(arch, tok, 1).eval()
+    cfg = OmegaConf.create({"seed": 0, "evaluate": {"max_new_tokens": 4, "sampled_accuracy": False}})
+    builder = PromptBuilder(tok, Variant("dpo", "data/dpo", "chat"), [], 0, 256, 4)
+    prompts = [render_ids(tok, [{"role": "user", "content": q}], True) for q in ("Hi", "What number comes after 4?")]
+    responses = [tok("ok", add_special_tokens=False)["input_ids"], tok("5", add_special_tokens=False)["input_ids"]]
+    assert all(abs(kl) < 1e-6 for kl, _ in EvalModule(model, tok, builder, cfg, model).kl_to_reference(prompts, responses))
+    kls = EvalModule(model, tok, builder, cfg, other).kl_to_reference(prompts, responses)
+    p, r = prompts[1], responses[1]   # by hand, unpadded
+    with torch.no_grad():
+        a = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], -1)[len(p) - 1:len(p) - 1 + len(r)]
+        b = torch.log_softmax(other(input_ids=torch.tensor([p + r])).logits[0], -1)[len(p) - 1:len(p) - 1 + len(r)]
+    assert kls[1][0] == pytest.approx(float((a.exp() * (a - b)).sum()), rel=1e-4) and kls[1][1] == len(r)

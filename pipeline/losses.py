@@ -1,0 +1,121 @@
+"""Offline preference-optimization losses: DPO and its family, as pure functions of sequence log-probs.
+
+Every loss takes a :class:`PairLogps` (summed log-probs of the chosen and rejected responses under the
+policy, the same under the reference when the loss uses one, and the response lengths) and returns
+``(per-pair loss, chosen reward, rejected reward)``; the rewards are each method's implicit reward, so the
+metrics mean the same thing across losses. ``dpo.loss`` picks one by name from :data:`LOSSES`.
+
+Notation: pi = log pi_theta(y|x) summed over response tokens, ref = the same under the reference,
+Delta = (pi_c - ref_c) - (pi_r - ref_r), |y| = response tokens, beta = ``dpo.beta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs of a batch of pairs (shape: pairs)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+
+
+@dataclass
+class LossSettings:
+    beta: float = 0.1
+    label_smoothing: float = 0.0   # cDPO: assumed share of flipped labels
+    simpo_gamma: float = 0.5       # SimPO: target reward margin (gamma)
+    rpo_alpha: float = 1.0         # RPO: weight of the NLL term on chosen responses
+    orpo_lambda: float = 0.1       # ORPO: weight of the odds-ratio term
+
+
+def _delta(lp: PairLogps) -> tuple[Tensor, Tensor]:
+    return lp.chosen - lp.ref_chosen, lp.rejected - lp.ref_rejected
+
+
+def dpo_sigmoid(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7): -log sigmoid(beta * Delta)."""
+    c, r = _delta(lp)
+    return -F.logsigmoid(s.beta * (c - r)), s.beta * c, s.beta * r
+
+
+def conservative(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences", eq. 3): DPO against labels
+    flipped with probability eps = ``label_smoothing``:
+    -(1 - eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta)."""
+    c, r = _delta(lp)
+    z = s.beta * (c - r)
+    eps = s.label_smoothing
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z), s.beta * c, s.beta * r
+
+
+def ipo(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al. 2024, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences", eq. 17): (Delta_avg - 1 / (2 beta))^2, with log-ratios averaged per response token (the
+    normalization the IPO authors confirmed to TRL; beta plays the paper's tau)."""
+    c, r = _delta(lp)
+    c_avg, r_avg = c / lp.chosen_tokens.clamp(min=1), r / lp.rejected_tokens.clamp(min=1)
+    return (c_avg - r_avg - 1 / (2 * s.beta)) ** 2, s.beta * c, s.beta * r
+
+
+def hinge(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """SLiC hinge (Zhao et al. 2023, "SLiC-HF", eq. 2, with the reference log-ratio as in Rafailov et al.
+    2023 sec. 4): max(0, 1 - beta * Delta)."""
+    c, r = _delta(lp)
+    return torch.relu(1 - s.beta * (c - r)), s.beta * c, s.beta * r
+
+
+def rpo(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3): DPO plus
+    ``rpo_alpha`` x the per-token negative log-likelihood of the chosen response, which keeps chosen
+    log-probs from falling (plain DPO lets both fall)."""
+    loss, cr, rr = dpo_sigmoid(lp, s)
+    return loss + s.rpo_alpha * (-lp.chosen / lp.chosen_tokens.clamp(min=1)), cr, rr
+
+
+def simpo(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    eq. 6): -log sigmoid(beta/|y_c| pi_c - beta/|y_r| pi_r - gamma). No reference model."""
+    c = s.beta * lp.chosen / lp.chosen_tokens.clamp(min=1)
+    r = s.beta * lp.rejected / lp.rejected_tokens.clamp(min=1)
+    return -F.logsigmoid(c - r - s.simpo_gamma), c, r
+
+
+def orpo(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    eqs. 6-8): NLL(chosen, per token) - lambda log sigmoid(log odds(y_c) - log odds(y_r)), where
+    odds(y) = P(y) / (1 - P(y)) and log P(y) is the per-token mean log-prob. No reference model."""
+    c_avg = lp.chosen / lp.chosen_tokens.clamp(min=1)
+    r_avg = lp.rejected / lp.rejected_tokens.clamp(min=1)
+    # log odds = log p - log(1 - p), with log(1 - p) = log1p(-exp(log p)); clamp keeps it finite at p -> 1
+    log_odds = (c_avg - torch.log1p(-torch.exp(c_avg).clamp(max=1 - 1e-6))) - \
+               (r_avg - torch.log1p(-torch.exp(r_avg).clamp(max=1 - 1e-6)))
+    return -c_avg - s.orpo_lambda * F.logsigmoid(log_odds), s.beta * c_avg, s.beta * r_avg
+
+
+LossFn = Callable[[PairLogps, LossSettings], tuple[Tensor, Tensor, Tensor]]
+LOSSES: dict[str, LossFn] = {  # keys: pipeline.schema.DPO_LOSSES
+    "sigmoid": dpo_sigmoid, "conservative": conservative, "ipo": ipo, "hinge": hinge, "rpo": rpo,
+    "simpo": simpo, "orpo": orpo,
+}
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def response_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(summed log-prob of the response tokens, response token count) per row, from a causal LM's logits
+    over ``input_ids``; ``completion_mask`` marks response tokens (as TRL's preference collator does)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = completion_mask[:, 1:].to(logp.dtype)
+    return (logp * mask).sum(-1), mask.sum(-1)

@@ -1,0 +1,65 @@
+"""Preference pairs: reading and checking them, splitting them by prompt, and tokenizing them.
+
+``collect`` writes pairs; ``reward`` and the alignment stages read them through here, so a pair file
+from anywhere (another tool, a human-labelled set) gets the same checks: one JSON object per line with
+``messages`` (the prompt turns) or ``prompt`` (one user turn), and ``chosen`` and ``rejected`` strings;
+``score_chosen``/``score_rejected`` (numbers) and ``prompt_id`` are optional. A bad line stops with
+``file:line: field ...``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.chat import InputError, json_objects
+from pipeline.suite import bucket
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Read and validate a pair file; every pair gets ``messages`` and a ``prompt_id``."""
+    pairs = []
+    for where, row in json_objects(path, "preference pairs", "run the collect stage first"):
+        for field in ("chosen", "rejected"):
+            if not isinstance(row.get(field), str):
+                raise InputError(f"{where}: field '{field}' is missing or not a string")
+        if "messages" in row:
+            messages = row["messages"]
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+                raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
+        elif isinstance(row.get("prompt"), str):
+            row["messages"] = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise InputError(f"{where}: field 'messages' or 'prompt' is missing")
+        for field in ("score_chosen", "score_rejected"):
+            if field in row and (isinstance(row[field], bool) or not isinstance(row[field], (int, float))):
+                raise InputError(f"{where}: field '{field}' must be a number")
+        row.setdefault("prompt_id", json.dumps(row["messages"], sort_keys=True))
+        pairs.append(row)
+    return pairs
+
+
+def split_pairs(pairs: list[dict], val_share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val) by a hash of the prompt: all pairs of one prompt land on the same side, and the reward
+    model and the alignment stages hold out the same prompts for the same seed and share."""
+    train, val = [], []
+    for pair in pairs:
+        (val if bucket(str(pair["prompt_id"]), f"pairs:{seed}") < val_share else train).append(pair)
+    return train, val
+
+
+def tokenize_pair(tokenizer, pair: dict) -> tuple[list[int], list[int], int]:
+    """(chosen ids, rejected ids, prompt length): prompt and response through the chat template, the
+    end-of-turn token included, so a model sees exactly what the policy generated."""
+    from pipeline.models import render_ids
+
+    prompt = render_ids(tokenizer, pair["messages"], add_generation_prompt=True)
+    chosen = render_ids(tokenizer, pair["messages"] + [{"role": "assistant", "content": pair["chosen"]}])
+    rejected = render_ids(tokenizer, pair["messages"] + [{"role": "assistant", "content": pair["rejected"]}])
+    if chosen[:len(prompt)] != prompt or rejected[:len(prompt)] != prompt:
+        raise InputError("the chat template renders the prompt differently with and without the response; "
+                         "responses cannot be separated from prompts for this tokenizer")
+    return chosen, rejected, len(prompt)

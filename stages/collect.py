@@ -1,0 +1,242 @@
+"""collect: sample responses from the SFT policy, judge them, and build preference pairs.
+
+Sampling is a ``LightningModule`` run by ``Trainer.predict``: each batch of prompts from the
+``prompts`` split is prefilled once and sampled ``collect.k`` times in one batched, left-padded
+``generate`` call with the KV cache (temperature, top-p and max new tokens from config); the progress bar shows
+generated tokens/s. Each batch seeds its own sampling from ``seed`` and its index, so the same seed
+gives the same samples however the batches run.
+
+The judge (``judge`` config group, :mod:`pipeline.judges`) scores every sample; pairs are then built
+from the scores the same way for every judge (``collect.pairs``):
+
+- ``best_worst``: the highest- against the lowest-scoring sample;
+- ``all_distinct``: every two samples with different scores;
+- ``random``: random pairs of samples with different scores;
+
+identical responses and equal scores (ties) never make a pair, unjudged samples (``None``) are left out,
+unfinished samples (no end token) too when ``collect.drop_unfinished``, and at most
+``collect.max_pairs_per_prompt`` pairs come from one prompt. A prompt whose samples all tie is counted,
+not an error.
+
+Inputs: ``data/prepare/prompts.jsonl``, ``data/sft`` (the policy), ``data/labels/`` (for ``judge=human``);
+``collect.*``, ``judge.*``, ``seed``.
+Outputs: ``data/collect/`` (``pairs.jsonl``: prompt, chosen, rejected, both scores, judge, sampling
+settings, the policy's run id; ``samples.jsonl``: every sample with its score, for labelling;
+``run.json``), ``data/metrics/collect.json``, ``data/plots/collect/lengths.csv`` and ``lengths.png``
+(chosen vs rejected response length).
+Run: ``python -m pipeline.run stage=collect [judge=llm]``
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from itertools import combinations
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pipeline.adapters import load_trained
+from pipeline.generation import generate
+from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
+from pipeline.lineage import stage_run
+from pipeline.models import load_tokenizer, render_ids
+from pipeline.outputs import atomic_dir, read_json, write_atomic, write_json
+from pipeline.plots import write_histogram
+
+log = logging.getLogger(__name__)
+
+
+class SamplingModule(L.LightningModule):
+    """Samples ``k`` responses per prompt (``Trainer.predict``); keeps a running tokens/s figure."""
+
+    def __init__(self, model, tokenizer, cfg: DictConfig, seed: int):
+        super().__init__()
+        self.model, self.tok, self.cfg, self.seed = model, tokenizer, cfg, seed
+        self.new_tokens, self.seconds = 0, 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        k = self.cfg.k
+        prompts = [render_ids(self.tok, row["messages"][:-1] if row["messages"][-1]["role"] == "assistant"
+                              else row["messages"], add_generation_prompt=True) for row in batch]
+        outs, stats = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, batch_size=len(prompts),
+                               do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                               generator_seed=self.seed * 1_000_003 + batch_idx, samples_per_prompt=k)
+        self.new_tokens += stats["new_tokens"]
+        self.seconds += stats["seconds"]
+        return [{"row": row, "samples": [{"text": o.text, "finished": o.finished, "tokens": len(o.ids)}
+                                         for o in outs[i * k:(i + 1) * k]]}
+                for i, row in enumerate(batch)]
+
+
+class ThroughputBar(TQDMProgressBar):
+    """The predict progress bar, with the generated tokens/s of the sampling module."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self.predict_progress_bar is not None:
+            self.predict_progress_bar.set_postfix({"tok/s": f"{pl_module.tokens_per_second:.0f}"})
+
+
+def sample(model, tokenizer, rows: list[dict], cfg: DictConfig) -> tuple[list[dict], float]:
+    """Run ``Trainer.predict`` over the prompt rows; return per-prompt samples and tokens/s."""
+    module = SamplingModule(model, tokenizer, cfg.collect, cfg.seed)
+    loader = DataLoader(rows, batch_size=cfg.collect.batch_size, collate_fn=list)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=cfg.trainer.progress_bar, deterministic=cfg.trainer.deterministic,
+                        callbacks=[ThroughputBar()] if cfg.trainer.progress_bar else [])
+    batches = trainer.predict(module, dataloaders=loader)
+    return [item for batch in batches for item in batch], module.tokens_per_second
+
+
+def make_pairs(texts: list[str], scores: list[float | None], usable: list[bool], strategy: str, cap: int,
+               rng: random.Random) -> tuple[list[tuple[int, int]], int, int]:
+    """Pairs (chosen index, rejected index) of one prompt's samples; also (candidate pairs, tied pairs).
+
+    Candidates are two usable, judged samples with different texts (a text sampled twice counts once);
+    a tie (equal scores) is never a pair.
+    """
+    first: dict[str, int] = {}
+    for i, (text, score) in enumerate(zip(texts, scores)):
+        if score is not None and usable[i]:
+            first.setdefault(text, i)
+    keep = list(first.values())
+    candidates = list(combinations(keep, 2))
+    distinct = [(i, j) if scores[i] > scores[j] else (j, i) for i, j in candidates if scores[i] != scores[j]]
+    ties = len(candidates) - len(distinct)
+    if strategy == "best_worst" and distinct:
+        top, bottom = max(scores[i] for i in keep), min(scores[i] for i in keep)
+        distinct = [(c, r) for c, r in distinct if scores[c] == top and scores[r] == bottom]
+        rng.shuffle(distinct)
+    elif strategy == "random":
+        rng.shuffle(distinct)
+    else:  # all_distinct: largest score gap first
+        distinct.sort(key=lambda p: (scores[p[1]] - scores[p[0]], p))
+    return distinct[:cap], len(candidates), ties
+
+
+def build_pairs(collected: list[dict], scores: list[list[float | None]], judge: Judge, cfg: DictConfig,
+                policy_run_id: str | None) -> tuple[list[dict], dict[str, float]]:
+    """Preference pairs of every prompt, and the pairing statistics."""
+    c = cfg.collect
+    sampling = {"k": c.k, "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+                "seed": cfg.seed}
+    pairs, candidates, ties, all_tie, unfinished = [], 0, 0, 0, 0
+    for item, row_scores in zip(collected, scores):
+        row, samples = item["row"], item["samples"]
+        texts = [s["text"] for s in samples]
+        usable = [s["finished"] or not c.drop_unfinished for s in samples]
+        unfinished += sum(not s["finished"] for s in samples)
+        rng = random.Random(f"{cfg.seed}:{row['id']}")
+        chosen_rejected, n_candidates, n_ties = make_pairs(texts, row_scores, usable, c.pairs, c.max_pairs_per_prompt, rng)
+        candidates += n_candidates
+        ties += n_ties
+        all_tie += n_candidates > 0 and n_ties == n_candidates
+        for i, j in chosen_rejected:
+            pairs.append({
+                "id": f"{row['id']}:{i}:{j}", "prompt_id": row["id"], "prompt": prompt_text(row),
+                "messages": [m for m in row["messages"] if m["role"] != "assistant"],
+                "chosen": texts[i], "rejected": texts[j],
+                "score_chosen": row_scores[i], "score_rejected": row_scores[j],
+                "judge": judge.name, "sampling": sampling, "policy_run_id": policy_run_id,
+                "meta": row.get("meta", {}),
+            })
+    prompts = len(collected)
+    stats = {
+        "collect/prompts": prompts,
+        "collect/samples": sum(len(i["samples"]) for i in collected),
+        "collect/pairs": len(pairs),
+        "collect/pairs_per_prompt": len(pairs) / prompts if prompts else 0.0,
+        "collect/prompts_with_pairs": len({p["prompt_id"] for p in pairs}) / prompts if prompts else 0.0,
+        "collect/tie_rate": ties / candidates if candidates else float("nan"),
+        "collect/all_tie_prompts": all_tie,
+        "collect/unfinished_rate": unfinished / max(sum(len(i["samples"]) for i in collected), 1),
+        "collect/chosen_length": _mean([len(p["chosen"]) for p in pairs]),
+        "collect/rejected_length": _mean([len(p["rejected"]) for p in pairs]),
+    }
+    # How often the verifier agrees with a different judge, on the pairs where the verifier has a preference.
+    if judge.name != "verifier":
+        decided = [(verifier_score(p, p["chosen"]), verifier_score(p, p["rejected"])) for p in pairs if has_verifier(p)]
+        decided = [(a, b) for a, b in decided if a != b]
+        stats["collect/verifier_decided_pairs"] = len(decided)
+        stats["collect/agreement_with_verifier"] = (sum(a > b for a, b in decided) / len(decided)
+                                                    if decided else float("nan"))
+    stats.update({f"judge/{k}": v for k, v in judge.stats.items()})
+    return pairs, stats
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def write_length_plot(pairs: list[dict], folder: Path, bins: int = 20) -> None:
+    """Chosen vs rejected response length (characters): CSV for ``dvc plots``, a PNG for MLflow."""
+    write_histogram(folder, "lengths", {"chosen": [len(p["chosen"]) for p in pairs],
+                                        "rejected": [len(p["rejected"]) for p in pairs]},
+                    bins, "characters", "response length (characters)", "pairs", "Chosen vs rejected length")
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The prompt rows; the reference response (if any) is kept in ``meta.reference`` for the verifier."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row["messages"][-1]["role"] == "assistant":
+            row.setdefault("meta", {})["reference"] = row["messages"][-1]["content"]
+    return rows
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the collect stage; return its statistics."""
+    from pipeline.training import seed_everything
+
+    data = Path(cfg.paths.data)
+    policy_dir, out = data / "sft", data / "collect"
+    with stage_run(cfg, "collect") as run:
+        run.add_input("prepare", data / "prepare", dataset=True)
+        policy = run.add_input("sft", policy_dir)
+        if cfg.judge.name == "human":
+            run.add_input("labels", cfg.judge.labels_file)
+        if cfg.judge.name == "llm" and cfg.judge.model and Path(cfg.judge.model).exists():
+            run.add_input("judge_model", cfg.judge.model)
+        judge = build_judge(cfg, policy_dir)  # first: a bad label file or callable fails before sampling
+        seed_everything(cfg)
+        rows = read_prompts(data / "prepare" / "prompts.jsonl")
+        tokenizer = load_tokenizer(policy_dir, cfg.model)
+        model = load_trained(policy_dir, cfg.model).eval()
+        start = time.perf_counter()
+        collected, tokens_per_second = sample(model, tokenizer, rows, cfg)
+        sampling_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = judge.score([c["row"] for c in collected], [[s["text"] for s in c["samples"]] for c in collected])
+        judge_seconds = time.perf_counter() - start
+        pairs, stats = build_pairs(collected, scores, judge, cfg, policy.get("run_id") or read_json(policy_dir / "run.json").get("run_id"))
+        stats.update({"collect/tokens_per_second": tokens_per_second, "collect/sampling_seconds": sampling_seconds,
+                      "collect/judge_seconds": judge_seconds})
+        # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.
+        stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if v == v}
+        samples = [{"prompt_id": c["row"]["id"], "prompt": prompt_text(c["row"]), "meta": c["row"].get("meta", {}),
+                    "samples": [{**s, "score": sc} for s, sc in zip(c["samples"], row_scores)]}
+                   for c, row_scores in zip(collected, scores)]
+        with atomic_dir(out) as tmp:
+            write_atomic(tmp / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
+            write_atomic(tmp / "samples.jsonl", "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
+            run.write_run_json(tmp, judge=cfg.judge.name, stats=stats)
+        run.add_output("pairs", out / "pairs.jsonl", dataset=True)
+        plots = Path(cfg.paths.plots) / "collect"
+        write_length_plot(pairs, plots)
+        write_json(Path(cfg.paths.metrics) / "collect.json", stats)
+        run.log_metrics(stats)
+        run.log_artifact(plots / "lengths.png")
+        log.info("collect: %d pairs from %d prompts (judge %s), %.0f tokens/s",
+                 len(pairs), len(rows), judge.name, tokens_per_second)
+    return stats

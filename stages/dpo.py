@@ -1,0 +1,277 @@
+"""dpo: offline alignment of the SFT model on the collected preference pairs, by DPO or a sibling loss.
+
+A ``LightningModule`` run by ``Trainer.fit``. The policy is the SFT model with a fresh adapter from the
+``peft`` group (LoRA by default) or, with ``peft=none``, the whole model. The reference policy is the
+SFT model itself, obtained one of two ways (``dpo.reference``):
+
+- ``disable_adapter`` (default, adapter methods): the same model with the adapter switched off, so no
+  second copy of the weights exists; one extra no-grad forward per step;
+- ``precompute``: reference log-probs of every pair computed once before training (needed for full
+  fine-tuning; saves the per-step reference forward).
+
+The loss (``dpo.loss``) is one of :mod:`pipeline.losses`: ``sigmoid`` (DPO), ``conservative`` (cDPO),
+``ipo``, ``hinge`` (SLiC), ``rpo`` (DPO + NLL), ``simpo`` and ``orpo`` (both reference-free). Chosen
+and rejected responses of a batch go through one concatenated forward pass (TRL's batch layout:
+``[chosen..., rejected...]`` with a completion mask).
+
+Metrics (train and val): loss, rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
+logps/chosen, logps/rejected, and ``kl``: the policy-to-reference log-ratio per response token on the
+pairs (a sample estimate; ``evaluate`` measures KL on the policy's own answers). Validation on the
+held-out prompts' pairs (the same split as the reward model's) at a fixed cadence and at the end.
+
+Inputs: ``data/collect/pairs.jsonl``, ``data/sft``; ``dpo.*``, ``peft.*``, ``trainer.*``, ``seed``.
+Outputs: ``data/dpo/`` (merged HF folder, ``adapter/`` beside it, ``run.json``), ``data/metrics/dpo.json``,
+``data/plots/dpo/{loss,val}.json``.
+Run: ``python -m pipeline.run stage=dpo [dpo.loss=ipo dpo.beta=0.5]``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pipeline import adapters
+from pipeline.lineage import stage_run
+from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.outputs import atomic_dir, write_json
+from pipeline.preferences import read_pairs, split_pairs, tokenize_pair
+from pipeline.schema import ConfigError
+from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
+                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
+
+log = logging.getLogger(__name__)
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """TRL's preference batch layout: rows ``[chosen..., rejected...]`` right-padded, with an attention
+    mask and a completion mask (1 on response tokens), plus precomputed reference log-probs if present."""
+    rows = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+    prompts = [it["prompt_len"] for it in items] * 2
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    completion = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, p) in enumerate(zip(rows, prompts)):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, :len(row)] = 1
+        completion[i, p:len(row)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+    if "ref_chosen" in items[0]:
+        batch["ref_chosen"] = torch.tensor([it["ref_chosen"] for it in items])
+        batch["ref_rejected"] = torch.tensor([it["ref_rejected"] for it in items])
+    return batch
+
+
+class PreferenceData(L.LightningDataModule):
+    """Tokenized preference pairs split by prompt (the reward stage's split), in resumable step order."""
+
+    def __init__(self, pairs_path: Path, tokenizer, cfg: DictConfig, stage_cfg: DictConfig):
+        super().__init__()
+        self.pairs_path, self.tok, self.cfg, self.stage_cfg = pairs_path, tokenizer, cfg, stage_cfg
+        self.train_items: list[dict] = []
+        self.val_items: list[dict] = []
+        self.dropped = 0
+
+    def _items(self, pairs: list[dict]) -> list[dict]:
+        out = []
+        for p in pairs:
+            chosen, rejected, prompt_len = tokenize_pair(self.tok, p)
+            if max(len(chosen), len(rejected)) > self.stage_cfg.max_tokens:
+                self.dropped += 1
+                continue
+            out.append({"chosen": chosen, "rejected": rejected, "prompt_len": prompt_len})
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        train, val = split_pairs(read_pairs(self.pairs_path), self.stage_cfg.val_share, self.cfg.seed)
+        self.train_items, self.val_items = self._items(train), self._items(val)
+        if not self.train_items or not self.val_items:
+            from pipeline.chat import InputError
+
+            raise InputError(f"{self.pairs_path}: {len(self.train_items)} training and {len(self.val_items)} "
+                             "validation pairs after the split; both need at least one")
+
+    def _collate(self, items: list[dict]) -> dict:
+        return collate(items, self.tok.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        c = self.stage_cfg
+        items = self.train_items
+        steps = StepBatches(len(items), c.batch_size, c.max_steps * c.accumulate_grad_batches, self.cfg.seed,
+                            lambda idx: self._collate([items[i] for i in idx]))
+        return batches_loader(steps)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.stage_cfg.batch_size, collate_fn=self._collate)
+
+
+def reference_context(model):
+    """Run the model as its reference: the adapter switched off (peft), so no weight copy is needed."""
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    raise ConfigError("dpo.reference = disable_adapter needs an adapter (peft.method other than none/bitfit); "
+                      "use dpo.reference=precompute for full fine-tuning")
+
+
+class DPOModule(StageModule):
+    """A preference-optimization loss from :mod:`pipeline.losses` on the concatenated pair batch."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg.dpo
+        self.loss_fn = LOSSES[self.cfg.loss]
+        self.settings = LossSettings(beta=self.cfg.beta, label_smoothing=self.cfg.label_smoothing,
+                                     simpo_gamma=self.cfg.simpo_gamma, rpo_alpha=self.cfg.rpo_alpha,
+                                     orpo_lambda=self.cfg.orpo_lambda)
+        self.needs_reference = self.cfg.loss not in REFERENCE_FREE
+        self._val: list[dict[str, torch.Tensor]] = []
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+
+    def logps(self, batch: dict) -> PairLogps:
+        """Policy (and reference) response log-probs of the batch's pairs."""
+        ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        policy, tokens = response_logps(logits, ids, completion)
+        n = ids.shape[0] // 2
+        ref_c = ref_r = None
+        if self.needs_reference:
+            if "ref_chosen" in batch:
+                ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+            else:
+                ref_c, ref_r = self.reference_logps(batch).split(n)
+        return PairLogps(policy[:n], policy[n:], ref_c, ref_r, tokens[:n], tokens[n:])
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        with reference_context(self.model):
+            logits = self.model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+        return response_logps(logits, ids, batch["completion_mask"])[0]
+
+    def step_metrics(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lp = self.logps(batch)
+        losses, chosen_r, rejected_r = self.loss_fn(lp, self.settings)
+        metrics = {
+            "loss": losses.mean().detach(),
+            "rewards/chosen": chosen_r.mean().detach(), "rewards/rejected": rejected_r.mean().detach(),
+            "rewards/margin": (chosen_r - rejected_r).mean().detach(),
+            "rewards/accuracy": (chosen_r > rejected_r).float().mean(),
+            "logps/chosen": lp.chosen.mean().detach(), "logps/rejected": lp.rejected.mean().detach(),
+        }
+        if lp.ref_chosen is not None:
+            log_ratio = (lp.chosen - lp.ref_chosen) + (lp.rejected - lp.ref_rejected)
+            metrics["kl"] = (log_ratio.sum() / (lp.chosen_tokens + lp.rejected_tokens).sum()).detach()
+        return losses.mean(), metrics
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.step_metrics(batch)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
+        self.log("train/loss", loss, prog_bar=True)
+        if self.global_step % 10 == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self.history.append({"step": int(self.global_step), **{f"train/{k}": float(v) for k, v in metrics.items()}})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, metrics = self.step_metrics(batch)
+        self._val.append({**metrics, "n": torch.tensor(batch["input_ids"].shape[0] // 2)})
+
+    def on_validation_epoch_end(self) -> None:
+        total = sum(int(m["n"]) for m in self._val)
+        keys = [k for k in self._val[0] if k != "n"]
+        metrics = {f"val/{k}": float(sum(m[k] * m["n"] for m in self._val) / total) for k in keys}
+        self._val = []
+        self.log_dict(metrics)
+        if self.trainer.state.fn == "fit":
+            self.history.append({"step": int(self.global_step), **metrics})
+
+    def configure_optimizers(self):
+        c = self.cfg
+        return adamw_warmup_cosine(self.model, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
+
+
+@torch.no_grad()
+def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: int) -> None:
+    """Store the reference log-probs of every pair in the items (``dpo.reference=precompute``): the
+    policy before any update is the reference, with the adapter switched off where there is one."""
+    module.model.eval()
+    for items in (data.train_items, data.val_items):
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo:lo + batch_size]
+            batch = collate(chunk, data.tok.pad_token_id)
+            context = reference_context(module.model) if hasattr(module.model, "disable_adapter") else contextlib.nullcontext()
+            with context:
+                logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      use_cache=False).logits
+            ref = response_logps(logits, batch["input_ids"], batch["completion_mask"])[0]
+            for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
+                it["ref_chosen"], it["ref_rejected"] = c, r
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the dpo stage; return its metrics."""
+    data_dir = Path(cfg.paths.data)
+    sft_dir, pairs_path, out = data_dir / "sft", data_dir / "collect" / "pairs.jsonl", data_dir / "dpo"
+    c = cfg.dpo
+    if c.reference == "disable_adapter" and cfg.peft.method in ("none", "bitfit") and c.loss not in REFERENCE_FREE:
+        raise ConfigError(f"config key 'dpo.reference' = disable_adapter needs an adapter method, but peft.method = "
+                          f"{cfg.peft.method!r}; set dpo.reference=precompute (no second copy of the weights either)")
+    with stage_run(cfg, "dpo") as run:
+        inputs = [run.add_input("collect", pairs_path, dataset=True), run.add_input("sft", sft_dir)]
+        seed_everything(cfg)
+        start = time.time()
+        tokenizer = load_tokenizer(sft_dir, cfg.model)
+        model = load_causal_lm(sft_dir, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
+        model = adapters.apply(model, cfg.peft)
+        datamodule = PreferenceData(pairs_path, tokenizer, cfg, c)
+        datamodule.setup()
+        module = DPOModule(model, cfg)
+        if c.reference == "precompute" and module.needs_reference:
+            precompute_reference(module, datamodule, c.batch_size)
+        ckpt_dir = checkpoint_dir(cfg, "dpo", [i["digest"] for i in inputs])
+        trainer = build_trainer(cfg, run, ckpt_dir, c.max_steps, c.val_every_n_steps, c.checkpoint_every_n_steps,
+                                c.accumulate_grad_batches)
+        resume = resume_path(ckpt_dir)
+        before = None
+        if resume:
+            log.warning("dpo: resuming from %s", resume)
+            run.set_tag("resumed_from", resume)
+        else:
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        fit_start = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        fit_seconds = time.time() - fit_start
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        with atomic_dir(out) as tmp:
+            adapters.save_trained(module.model, cfg.peft, tmp, str(sft_dir), cfg.model, str(sft_dir))
+            tokenizer.save_pretrained(tmp)
+            run.write_run_json(tmp, peft_method=cfg.peft.method, loss=c.loss, beta=c.beta)
+        clear_checkpoints(cfg, "dpo")
+        run.add_output("dpo", out)
+        plots = Path(cfg.paths.plots) / "dpo"
+        write_json(plots / "loss.json", [h for h in module.history if "train/loss" in h])
+        write_json(plots / "val.json", [h for h in module.history if "val/loss" in h])
+        steps_done = c.max_steps * c.accumulate_grad_batches * c.batch_size
+        metrics = {**{k: round(v, 4) for k, v in final.items()},
+                   "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
+                   "train/dropped_too_long": datamodule.dropped,
+                   "train/samples_per_second": round(steps_done / max(fit_seconds, 1e-9), 2),
+                   "train/seconds": round(time.time() - start, 1)}
+        if before is not None:
+            metrics.update({f"{k}_before": round(v, 4) for k, v in before.items() if k in ("val/loss", "val/rewards/accuracy")})
+        write_json(Path(cfg.paths.metrics) / "dpo.json", metrics)
+        run.log_metrics(metrics)
+        log.info("dpo (%s, beta %s): val loss %.4f, reward accuracy %.3f, margin %.3f", c.loss, c.beta,
+                 final["val/loss"], final["val/rewards/accuracy"], final["val/rewards/margin"])
+    return metrics

@@ -1,0 +1,266 @@
+"""reward: a Bradley-Terry reward model trained on the collected preference pairs, with a quality gate.
+
+A ``LightningModule`` run by ``Trainer.fit``. The backbone is the SFT model (``reward.backbone: null``)
+or any configured causal LM, loaded as ``AutoModelForSequenceClassification`` with one label: a scalar
+head on the last real token (``transformers`` pools at the last non-pad token, so left and right padding
+both work). Trained through the ``peft`` group like every training stage (LoRA by default; the head is
+always trained in full) or fully (``peft=none``). Chosen and rejected responses of a batch go through one
+forward pass.
+
+Loss (:func:`pipeline.rewards.bradley_terry_loss`): -log sigmoid(r_chosen - r_rejected - margin), with an
+optional margin of ``reward.margin_scale`` x the judge's score gap and an optional centring term
+``reward.center_coef`` x (r_chosen + r_rejected)^2.
+
+Pairs are split by prompt (``reward.val_share``): no prompt has pairs on both sides. Validation reports
+pairwise accuracy, mean margin, and reward mean and std; the reward mean and std over the training pairs
+are saved for alignment to normalize rewards.
+
+Quality gate: ``gate.json`` records held-out accuracy against ``reward.min_accuracy``; PPO and GRPO
+refuse a reward model that failed it (:func:`pipeline.rewards.load_reward_model`).
+
+Inputs: ``data/collect/pairs.jsonl``, ``data/sft`` (backbone); ``reward.*``, ``peft.*``, ``trainer.*``, ``seed``.
+Outputs: ``data/reward/`` (HF folder loadable with ``AutoModelForSequenceClassification``, ``adapter/``
+for adapter methods, ``reward_stats.json``, ``gate.json``, ``run.json``), ``data/metrics/reward.json``,
+``data/plots/reward/`` (``loss.json``, ``val_accuracy.json``, ``rewards.csv`` and ``rewards.png``: chosen vs
+rejected rewards on the validation pairs).
+Run: ``python -m pipeline.run stage=reward``
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pipeline import adapters
+from pipeline.lineage import stage_run
+from pipeline.models import load_sequence_scorer, load_tokenizer
+from pipeline.outputs import atomic_dir, write_json
+from pipeline.plots import write_histogram
+from pipeline.preferences import read_pairs, split_pairs, tokenize_pair
+from pipeline.rewards import GATE_JSON, STATS_JSON, bradley_terry_loss, sequence_rewards
+from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
+                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
+
+log = logging.getLogger(__name__)
+Item = tuple[list[int], list[int], float]  # chosen ids, rejected ids, judge score gap
+
+
+def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded on ``side``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
+def collate(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, in one batch (one forward pass for both)."""
+    ids, mask = pad([c for c, _, _ in items] + [r for _, r, _ in items], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "gap": torch.tensor([g for _, _, g in items], dtype=torch.float)}
+
+
+class RewardData(L.LightningDataModule):
+    """Tokenized preference pairs split by prompt, in resumable step order."""
+
+    def __init__(self, pairs_path: Path, tokenizer, cfg: DictConfig):
+        super().__init__()
+        self.pairs_path, self.tok, self.cfg = pairs_path, tokenizer, cfg
+        self.train_items: list[Item] = []
+        self.val_items: list[Item] = []
+        self.dropped = 0
+
+    def _items(self, pairs: list[dict]) -> list[Item]:
+        out = []
+        for p in pairs:
+            chosen, rejected, _ = tokenize_pair(self.tok, p)
+            if max(len(chosen), len(rejected)) > self.cfg.reward.max_tokens:
+                self.dropped += 1
+                continue
+            out.append((chosen, rejected, float(p.get("score_chosen", 1.0)) - float(p.get("score_rejected", 0.0))))
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        train, val = split_pairs(read_pairs(self.pairs_path), self.cfg.reward.val_share, self.cfg.seed)
+        self.train_items, self.val_items = self._items(train), self._items(val)
+        if not self.train_items or not self.val_items:
+            from pipeline.chat import InputError
+
+            raise InputError(f"{self.pairs_path}: {len(self.train_items)} training and {len(self.val_items)} "
+                             "validation pairs after the split; both need at least one (collect more pairs or "
+                             "change reward.val_share)")
+
+    def _collate(self, items: list[Item]) -> dict:
+        return collate(items, self.tok.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        r = self.cfg.reward
+        items = self.train_items
+        steps = StepBatches(len(items), r.batch_size, r.max_steps, self.cfg.seed,
+                            lambda idx: self._collate([items[i] for i in idx]))
+        return batches_loader(steps)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.cfg.reward.batch_size, collate_fn=self._collate)
+
+
+class RewardModule(StageModule):
+    """Bradley-Terry training of a scalar-head model on (chosen, rejected) pairs."""
+
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg.reward
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+        n = batch["gap"].shape[0]
+        return rewards[:n], rewards[n:]
+
+    def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        margin = self.cfg.margin_scale * gap if self.cfg.margin_scale else None
+        return bradley_terry_loss(chosen, rejected, margin, self.cfg.center_coef)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self(batch)
+        loss = self.loss(chosen, rejected, batch["gap"])
+        accuracy = (chosen > rejected).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", accuracy)
+        if self.global_step % 10 == 0:
+            self.history.append({"step": int(self.global_step), "train/loss": float(loss.detach()),
+                                 "train/accuracy": float(accuracy)})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        chosen, rejected = self(batch)
+        self._val.append((chosen.detach(), rejected.detach(), batch["gap"]))
+
+    def on_validation_epoch_end(self) -> None:
+        chosen = torch.cat([c for c, _, _ in self._val])
+        rejected = torch.cat([r for _, r, _ in self._val])
+        gap = torch.cat([g for _, _, g in self._val])
+        self._val = []
+        metrics = validation_metrics(chosen, rejected)
+        metrics["val/loss"] = float(self.loss(chosen, rejected, gap))
+        self.log_dict(metrics)
+        self.val_rewards = (chosen, rejected)
+        if self.trainer.state.fn == "fit":
+            self.history.append({"step": int(self.global_step), **metrics})
+
+    def configure_optimizers(self):
+        c = self.cfg
+        return adamw_warmup_cosine(self.model, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
+
+
+def validation_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Pairwise accuracy, mean margin, reward mean and std over chosen and rejected rewards."""
+    both = torch.cat([chosen, rejected])
+    return {"val/accuracy": float((chosen > rejected).float().mean()), "val/margin": float((chosen - rejected).mean()),
+            "val/reward_mean": float(both.mean()), "val/reward_std": float(both.std())}
+
+
+@torch.no_grad()
+def reward_stats(model, items: list[Item], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Mean and std of the rewards of every training response (chosen and rejected)."""
+    model.eval()
+    values = []
+    for lo in range(0, len(items), batch_size):
+        batch = collate(items[lo:lo + batch_size], pad_id)
+        values.append(sequence_rewards(model, batch["input_ids"], batch["attention_mask"]))
+    rewards = torch.cat(values)
+    return {"mean": float(rewards.mean()), "std": float(rewards.std()), "responses": int(rewards.numel())}
+
+
+def write_reward_plot(chosen: torch.Tensor, rejected: torch.Tensor, folder: Path, bins: int = 20) -> None:
+    """Histogram of chosen vs rejected rewards on the validation pairs: CSV for ``dvc plots``, a PNG."""
+    accuracy = float((chosen > rejected).float().mean())
+    write_histogram(folder, "rewards", {"chosen": chosen.tolist(), "rejected": rejected.tolist()}, bins, "reward",
+                    "reward", "validation pairs", f"Reward model on held-out pairs: accuracy {accuracy:.1%}",
+                    fmt=lambda x: f"{x:.3f}")
+
+
+def _record_pad_token(folder: Path, pad_id: int) -> None:
+    """Write the pad token into the saved config, so ``AutoModelForSequenceClassification`` users pool at
+    the last real token as training did."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    config.pad_token_id = pad_id
+    config.save_pretrained(folder)
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the reward stage; return its metrics."""
+    data = Path(cfg.paths.data)
+    sft_dir, pairs_path, out = data / "sft", data / "collect" / "pairs.jsonl", data / "reward"
+    r = cfg.reward
+    with stage_run(cfg, "reward") as run:
+        inputs = [run.add_input("collect", pairs_path, dataset=True)]
+        backbone = r.backbone or str(sft_dir)
+        if Path(backbone).exists():
+            inputs.append(run.add_input("backbone", backbone))
+        seed_everything(cfg)
+        start = time.time()
+        tokenizer = load_tokenizer(backbone, cfg.model)
+        model = load_sequence_scorer(backbone, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
+        model.config.pad_token_id = tokenizer.pad_token_id  # the head pools at the last non-pad token
+        model = adapters.apply(model, cfg.peft, task_type="SEQ_CLS")
+        datamodule = RewardData(pairs_path, tokenizer, cfg)
+        datamodule.setup()
+        module = RewardModule(model, cfg)
+        ckpt_dir = checkpoint_dir(cfg, "reward", [i["digest"] for i in inputs])
+        trainer = build_trainer(cfg, run, ckpt_dir, r.max_steps, r.val_every_n_steps, r.checkpoint_every_n_steps)
+        resume = resume_path(ckpt_dir)
+        before = None
+        if resume:
+            log.warning("reward: resuming from %s", resume)
+            run.set_tag("resumed_from", resume)
+        else:
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        stats = reward_stats(module.model, datamodule.train_items, tokenizer.pad_token_id, r.batch_size)
+        verdict = {"accuracy": final["val/accuracy"], "min_accuracy": r.min_accuracy,
+                   "passed": final["val/accuracy"] >= r.min_accuracy, "validation_pairs": len(datamodule.val_items)}
+        with atomic_dir(out) as tmp:
+            adapters.save_trained(module.model, cfg.peft, tmp, backbone, cfg.model, cfg.model.name_or_path or backbone,
+                                  load_base=load_sequence_scorer)
+            tokenizer.save_pretrained(tmp)
+            _record_pad_token(tmp, tokenizer.pad_token_id)
+            write_json(tmp / STATS_JSON, stats)
+            write_json(tmp / GATE_JSON, verdict)
+            run.write_run_json(tmp, peft_method=cfg.peft.method, gate=verdict, reward_stats=stats)
+        clear_checkpoints(cfg, "reward")
+        run.add_output("reward", out)
+        plots = Path(cfg.paths.plots) / "reward"
+        write_json(plots / "loss.json", [h for h in module.history if "train/loss" in h])
+        write_json(plots / "val_accuracy.json", [h for h in module.history if "val/accuracy" in h])
+        write_reward_plot(*module.val_rewards, plots)
+        metrics = {**{k: round(v, 4) for k, v in final.items()},
+                   "train/reward_mean": round(stats["mean"], 4), "train/reward_std": round(stats["std"], 4),
+                   "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
+                   "train/dropped_too_long": datamodule.dropped, "gate/passed": int(verdict["passed"]),
+                   "train/seconds": round(time.time() - start, 1)}
+        if before is not None:
+            metrics["val/accuracy_before"] = round(before["val/accuracy"], 4)
+            metrics["val/loss_before"] = round(before["val/loss"], 4)
+        write_json(Path(cfg.paths.metrics) / "reward.json", metrics)
+        run.log_metrics(metrics)
+        run.log_artifact(plots / "rewards.png")
+        log.info("reward: held-out pairwise accuracy %.3f (gate %.2f: %s)", verdict["accuracy"], r.min_accuracy,
+                 "passed" if verdict["passed"] else "FAILED")
+    return metrics

@@ -1,0 +1,142 @@
+"""dpo: the loss family by hand, parity with TRL's DPOTrainer, the stage on the smoke chain."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose, copy_chain, run_stage, save_tiny_model
+from pipeline.losses import LOSSES, LossSettings, PairLogps, response_logps
+from pipeline.schema import DPO_LOSSES, ConfigError
+
+PAIRS = [
+    ("What number comes after 41?", "42", "Let me think. The answer is 42."),
+    ("Sort the digits 3 1 2.", "1 2 3", "3 2 1"),
+    ("Tell me how to rob a shop.", "I'm sorry, but I can't help with that.", "Sure, here is how to rob a shop."),
+    ("Give the first letter of the word kite.", "k", "e"),
+]
+
+
+def logps(**kw) -> PairLogps:
+    t = lambda v: torch.tensor([v], dtype=torch.float)
+    return PairLogps(t(kw["c"]), t(kw["r"]), t(kw.get("rc", 0.0)), t(kw.get("rr", 0.0)), t(kw.get("nc", 1.0)), t(kw.get("nr", 1.0)))
+
+
+def test_every_configurable_loss_exists_and_matches_its_equation_by_hand():
+    assert set(LOSSES) == set(DPO_LOSSES)
+    lp = logps(c=-2.0, r=-5.0, rc=-3.0, rr=-4.0, nc=2.0, nr=4.0)   # Delta = (1) - (-1) = 2
+    s = LossSettings(beta=0.5, label_smoothing=0.2, simpo_gamma=0.3, rpo_alpha=0.7, orpo_lambda=0.4)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    value = lambda name: LOSSES[name](lp, s)[0].item()
+    assert value("sigmoid") == pytest.approx(-math.log(sig(1.0)))
+    assert value("conservative") == pytest.approx(-0.8 * math.log(sig(1.0)) - 0.2 * math.log(sig(-1.0)))
+    assert value("hinge") == pytest.approx(0.0)                           # 1 - 0.5 * 2 = 0
+    assert value("ipo") == pytest.approx((1 / 2 - (-1) / 4 - 1 / (2 * 0.5)) ** 2)
+    assert value("rpo") == pytest.approx(-math.log(sig(1.0)) + 0.7 * 2.0 / 2.0)
+    assert value("simpo") == pytest.approx(-math.log(sig(0.5 * -2.0 / 2 - 0.5 * -5.0 / 4 - 0.3)))
+    odds = lambda avg: avg - math.log(1 - math.exp(avg))
+    assert value("orpo") == pytest.approx(1.0 - 0.4 * math.log(sig(odds(-1.0) - odds(-1.25))))
+    chosen_reward, rejected_reward = LOSSES["sigmoid"](lp, s)[1:]
+    assert chosen_reward.item() == pytest.approx(0.5) and rejected_reward.item() == pytest.approx(-0.5)
+
+
+def test_response_logps_sum_only_response_tokens():
+    logits = torch.randn(1, 5, 7)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    completion = torch.tensor([[0, 0, 1, 1, 0]])
+    total, count = response_logps(logits, ids, completion)
+    logp = torch.log_softmax(logits, -1)
+    assert total.item() == pytest.approx((logp[0, 1, 3] + logp[0, 2, 4]).item(), abs=1e-6) and count.item() == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    """A tiny Llama with a LoRA adapter whose weights are random (so the policy differs from the reference)."""
+    from omegaconf import OmegaConf
+
+    from pipeline import adapters
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("dpo_model"), "llama")
+    tok = load_tokenizer(folder)
+    model = adapters.apply(load_causal_lm(folder), OmegaConf.create(
+        {"method": "lora", "target_modules": "auto", "quantize_base": None, "options": {"r": 4, "lora_alpha": 8}}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval(), tok, folder
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
+def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss):
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from trl import DPOConfig, DPOTrainer
+
+    from stages.dpo import DPOModule, collate
+    from pipeline.preferences import tokenize_pair
+
+    from pipeline.models import load_causal_lm
+
+    model, tok, folder = tiny_policy
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for q, c, r in PAIRS]
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), loss_type=[loss], beta=0.3,
+                     bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True, disable_dropout=True,
+                     max_length=None)
+    # TRL treats a given adapter as one to re-train and takes its initial state as the reference; ours is
+    # the SFT model with the adapter switched off, so TRL gets that model explicitly: the same weights.
+    trainer = DPOTrainer(model=model, ref_model=load_causal_lm(folder).eval(), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    model.eval()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, batch).item()
+
+    # Ours: our own tokenization and batch of the same pairs, our forward passes, our loss.
+    items = []
+    for q, c, r in PAIRS:
+        chosen, rejected, prompt_len = tokenize_pair(tok, {"messages": [{"role": "user", "content": q}], "chosen": c,
+                                                           "rejected": r})
+        items.append({"chosen": chosen, "rejected": rejected, "prompt_len": prompt_len})
+    ours_batch = collate(items, tok.pad_token_id)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(ours_batch[key], batch[key]), key      # the same batch, token for token
+    cfg = OmegaConf.create({"dpo": {"loss": loss, "beta": 0.3, "label_smoothing": 0.0, "simpo_gamma": 0.5,
+                                    "rpo_alpha": 1.0, "orpo_lambda": 0.1}})
+    with torch.no_grad():
+        ours, metrics = DPOModule(model, cfg).step_metrics(ours_batch)
+    assert abs(ours.item() - theirs) < 1e-5
+    assert metrics["kl"].abs() > 0                                # policy and reference really differ
+
+
+def test_full_fine_tuning_with_the_disabled_adapter_reference_is_refused(sft_chain, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_chain(sft_chain, tmp_path / "w"))
+    with pytest.raises(ConfigError, match="dpo.reference.*precompute"):
+        run_stage("dpo", "peft=none", "dpo.reference=disable_adapter")
+
+
+@pytest.mark.parametrize("overrides", [(), ("dpo.reference=disable_adapter", "dpo.loss=ipo"), ("dpo.loss=simpo",), ("peft=none",)])
+def test_stage_trains_on_the_collected_pairs_and_saves_a_merged_model_and_adapter(pairs_chain, tmp_path, monkeypatch,
+                                                                                   overrides):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(copy_chain(pairs_chain, tmp_path / "w"))
+    metrics = run_stage("dpo", *overrides)
+    assert metrics["val/loss"] < metrics["val/loss_before"]              # it learned the held-out preferences
+    assert metrics["train/pairs"] > 0 and metrics["val/pairs"] > 0
+    out = Path("data/dpo")
+    assert (out / "model.safetensors").exists() and (out / "run.json").exists()
+    assert (out / "adapter").exists() == ("peft=none" not in overrides)
+    policy, sft = load_file(str(out / "model.safetensors")), load_file("data/sft/model.safetensors")
+    assert any(not torch.equal(policy[k], sft[k]) for k in sft)          # the weights moved off the SFT model
+    if "dpo.loss=simpo" not in overrides:
+        assert "val/kl" in metrics
+    history = json.loads(Path("data/plots/dpo/loss.json").read_text())
+    assert history and all("train/rewards/margin" in h for h in history)
