@@ -119,3 +119,48 @@ def response_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = completion_mask[:, 1:].to(logp.dtype)
     return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                        pad_id: int) -> tuple[Tensor, Tensor]:
+    """:func:`response_logps` of a ``[chosen..., rejected...]`` batch, with each pair's prompt run once.
+
+    Chosen and rejected responses share their prompt, and in short-answer data the prompt is most of the
+    tokens (the embedded suite: ~40 prompt and ~10 response tokens). The prompts go through the model once
+    (left-padded, so they end in the same column), their KV cache is repeated for the two responses, and
+    only the responses are run twice; gradients flow back through the cache. Same values as the plain
+    forward up to float rounding (a test checks it), about 40% fewer tokens through the model.
+    """
+    n = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(-1)
+    starts = completion_mask.float().argmax(-1)                   # first response token of each row
+    plen = starts[:n]
+    width = int(plen.max())
+    prompt_ids = input_ids.new_full((n, width), pad_id)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for i in range(n):
+        p = int(plen[i])
+        prompt_ids[i, width - p:] = input_ids[i, :p]
+        prompt_mask[i, width - p:] = 1
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    cache, first_logits = out.past_key_values, out.logits[:, -1]
+    cache.batch_repeat_interleave(2)                               # rows: pair 0 chosen, pair 0 rejected, ...
+    order = [row for i in range(n) for row in (i, n + i)]
+    spans = [(int(starts[r]), int(lengths[r])) for r in order]
+    resp_width = max(b - a for a, b in spans)
+    resp_ids = input_ids.new_full((2 * n, resp_width), pad_id)
+    resp_mask = torch.zeros_like(resp_ids)
+    for j, (r, (a, b)) in enumerate(zip(order, spans)):
+        resp_ids[j, :b - a] = input_ids[r, a:b]
+        resp_mask[j, :b - a] = 1
+    resp_positions = plen.repeat_interleave(2)[:, None] + torch.arange(resp_width, device=input_ids.device)[None]
+    out = model(input_ids=resp_ids, attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), resp_mask], 1),
+                position_ids=resp_positions, past_key_values=cache, use_cache=True)
+    # The logit predicting response token t is the prompt's last (t = 0) or the response's t - 1.
+    logits = torch.cat([first_logits.repeat_interleave(2, 0)[:, None], out.logits[:, :-1]], 1)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, resp_ids[..., None]).squeeze(-1)
+    mask = resp_mask.to(logp.dtype)
+    total, count = (logp * mask).sum(-1), mask.sum(-1)
+    back = torch.tensor([k for k in range(0, 2 * n, 2)] + [k for k in range(1, 2 * n, 2)], device=total.device)
+    return total[back], count[back]

@@ -189,6 +189,7 @@ class DpoStageConfig(TrainingStageConfig):
     rpo_alpha: float = bounded(0.0)
     orpo_lambda: float = bounded(0.0)
     reference: str = choice("disable_adapter", "precompute")
+    share_prompt: bool = True
     accumulate_grad_batches: int = bounded(1)
     val_share: float = bounded(0.01, 0.9)
     max_tokens: int = bounded(8)

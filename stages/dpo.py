@@ -12,7 +12,8 @@ SFT model itself, obtained one of two ways (``dpo.reference``):
 The loss (``dpo.loss``) is one of :mod:`pipeline.losses`: ``sigmoid`` (DPO), ``conservative`` (cDPO),
 ``ipo``, ``hinge`` (SLiC), ``rpo`` (DPO + NLL), ``simpo`` and ``orpo`` (both reference-free). Chosen
 and rejected responses of a batch go through one concatenated forward pass (TRL's batch layout:
-``[chosen..., rejected...]`` with a completion mask).
+``[chosen..., rejected...]`` with a completion mask); with ``dpo.share_prompt`` each pair's prompt runs
+once and its KV cache serves both responses (:func:`pipeline.losses.shared_prompt_logps`).
 
 Metrics (train and val): loss, rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
 logps/chosen, logps/rejected, and ``kl``: the policy-to-reference log-ratio per response token on the
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import adapters
 from pipeline.lineage import stage_run
-from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps
+from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps, shared_prompt_logps
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.outputs import atomic_dir, write_json
 from pipeline.preferences import read_pairs, split_pairs, tokenize_pair
@@ -115,6 +116,12 @@ class PreferenceData(L.LightningDataModule):
         return DataLoader(self.val_items, batch_size=self.stage_cfg.batch_size, collate_fn=self._collate)
 
 
+def uses_virtual_tokens(model) -> bool:
+    """Whether a peft prompt-learning adapter prepends virtual tokens (then prompts cannot be shared)."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+
+
 def reference_context(model):
     """Run the model as its reference: the adapter switched off (peft), so no weight copy is needed."""
     if hasattr(model, "disable_adapter"):
@@ -126,9 +133,9 @@ def reference_context(model):
 class DPOModule(StageModule):
     """A preference-optimization loss from :mod:`pipeline.losses` on the concatenated pair batch."""
 
-    def __init__(self, model: torch.nn.Module, cfg: DictConfig):
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig, pad_id: int = 0):
         super().__init__()
-        self.model, self.cfg = model, cfg.dpo
+        self.model, self.cfg, self.pad_id = model, cfg.dpo, pad_id
         self.loss_fn = LOSSES[self.cfg.loss]
         self.settings = LossSettings(beta=self.cfg.beta, label_smoothing=self.cfg.label_smoothing,
                                      simpo_gamma=self.cfg.simpo_gamma, rpo_alpha=self.cfg.rpo_alpha,
@@ -139,11 +146,18 @@ class DPOModule(StageModule):
     def on_fit_start(self) -> None:
         self.model.train()
 
+    def response_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs and response lengths of every row, with the current adapter state."""
+        ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        if self.cfg.share_prompt and not uses_virtual_tokens(self.model):
+            return shared_prompt_logps(self.model, ids, attention, completion, self.pad_id)
+        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        return response_logps(logits, ids, completion)
+
     def logps(self, batch: dict) -> PairLogps:
         """Policy (and reference) response log-probs of the batch's pairs."""
-        ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        policy, tokens = response_logps(logits, ids, completion)
+        ids = batch["input_ids"]
+        policy, tokens = self.response_logps(batch)
         n = ids.shape[0] // 2
         ref_c = ref_r = None
         if self.needs_reference:
@@ -155,10 +169,8 @@ class DPOModule(StageModule):
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
         with reference_context(self.model):
-            logits = self.model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
-        return response_logps(logits, ids, batch["completion_mask"])[0]
+            return self.response_logps(batch)[0]
 
     def step_metrics(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lp = self.logps(batch)
@@ -212,9 +224,7 @@ def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: in
             batch = collate(chunk, data.tok.pad_token_id)
             context = reference_context(module.model) if hasattr(module.model, "disable_adapter") else contextlib.nullcontext()
             with context:
-                logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False).logits
-            ref = response_logps(logits, batch["input_ids"], batch["completion_mask"])[0]
+                ref = module.response_logps(batch)[0]
             for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
                 it["ref_chosen"], it["ref_rejected"] = c, r
 
@@ -236,7 +246,7 @@ def main(cfg: DictConfig) -> dict:
         model = adapters.apply(model, cfg.peft)
         datamodule = PreferenceData(pairs_path, tokenizer, cfg, c)
         datamodule.setup()
-        module = DPOModule(model, cfg)
+        module = DPOModule(model, cfg, tokenizer.pad_token_id)
         if c.reference == "precompute" and module.needs_reference:
             precompute_reference(module, datamodule, c.batch_size)
         ckpt_dir = checkpoint_dir(cfg, "dpo", [i["digest"] for i in inputs])

@@ -44,6 +44,33 @@ def test_every_configurable_loss_exists_and_matches_its_equation_by_hand():
     assert chosen_reward.item() == pytest.approx(0.5) and rejected_reward.item() == pytest.approx(-0.5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_forward_equals_the_plain_forward_in_values_and_gradients(arch):
+    from pipeline.losses import shared_prompt_logps
+    from pipeline.preferences import tokenize_pair
+    from stages.dpo import collate
+    from test_generation import tiny
+
+    model, tok = tiny(arch)
+    model.train()
+    items = []
+    for q, c, r in PAIRS:
+        chosen, rejected, n = tokenize_pair(tok, {"messages": [{"role": "user", "content": q}], "chosen": c, "rejected": r})
+        items.append({"chosen": chosen, "rejected": rejected, "prompt_len": n})
+    b = collate(items, tok.pad_token_id)
+    plain, count = response_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                  b["input_ids"], b["completion_mask"])
+    plain.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    shared, shared_count = shared_prompt_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"],
+                                               tok.pad_token_id)
+    shared.sum().backward()
+    assert torch.equal(count, shared_count)
+    assert torch.allclose(plain, shared, rtol=1e-5, atol=1e-4)
+    assert all(torch.allclose(grads[k], p.grad, rtol=1e-3, atol=1e-4) for k, p in model.named_parameters())
+
+
 def test_response_logps_sum_only_response_tokens():
     logits = torch.randn(1, 5, 7)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -73,8 +100,9 @@ def tiny_policy(tmp_path_factory):
     return model.eval(), tok, folder
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
-def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss):
+def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss, share_prompt):
     from datasets import Dataset
     from omegaconf import OmegaConf
     from trl import DPOConfig, DPOTrainer
@@ -109,9 +137,9 @@ def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, t
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(ours_batch[key], batch[key]), key      # the same batch, token for token
     cfg = OmegaConf.create({"dpo": {"loss": loss, "beta": 0.3, "label_smoothing": 0.0, "simpo_gamma": 0.5,
-                                    "rpo_alpha": 1.0, "orpo_lambda": 0.1}})
+                                    "rpo_alpha": 1.0, "orpo_lambda": 0.1, "share_prompt": share_prompt}})
     with torch.no_grad():
-        ours, metrics = DPOModule(model, cfg).step_metrics(ours_batch)
+        ours, metrics = DPOModule(model, cfg, tok.pad_token_id).step_metrics(ours_batch)
     assert abs(ours.item() - theirs) < 1e-5
     assert metrics["kl"].abs() > 0                                # policy and reference really differ
 

@@ -89,7 +89,7 @@ def test_lineage_parent_run_per_dvc_execution(project):
     assert sorted(r.info.run_name for r in children) == sorted(ALL)
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
-    assert sorted(r.info.run_name for r in variants) == ["base_few_shot", "base_zero_shot", "sft"]
+    assert sorted(r.info.run_name for r in variants) == ["base_few_shot", "base_zero_shot", "dpo", "sft"]
     assert all("test/accuracy" in r.data.metrics for r in variants)
     base_run = json.loads((project / "data" / "base" / "run.json").read_text())
     prepare_child = next(r for r in children if r.info.run_name == "prepare")

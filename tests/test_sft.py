@@ -163,8 +163,16 @@ def test_chain_on_a_real_model_of_each_architecture(in_tmp, arch):
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str(folder)
     assert set(adapter_cfg["target_modules"]) == set(adapters.target_modules(merged))
+    # The rest of the chain on the same real model: pairs, a reward model with its own head, DPO, evaluation.
+    assert run_stage("collect", *real)["collect/pairs"] > 0
+    run_stage("reward", *real)
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(in_tmp / "data" / "reward").config.model_type == arch
+    run_stage("dpo", *real)
     results = run_stage("evaluate", *real)
-    assert set(results) == {"base_zero_shot", "base_few_shot", "sft"}
+    assert set(results) == {"base_zero_shot", "base_few_shot", "sft", "dpo"}
+    assert "test/kl_to_sft" in results["dpo"] and "test/win_rate_vs_sft" in results["dpo"]
 
 
 def test_merged_model_equals_base_plus_adapter(smoke_chain, in_tmp):

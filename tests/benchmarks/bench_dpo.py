@@ -7,6 +7,8 @@ when it exists, else a fresh embedded-size model) with the sigmoid DPO loss, the
 (``data/collect/pairs.jsonl``, else generated suite pairs), the same batch size and learning rate, in one
 run, with fair settings: fp32, no gradient checkpointing, dropout off, the reference obtained the same way
 (the adapter switched off, no second copy of the weights), no evaluation or logging in the timed window.
+Ours runs with the stage's default ``dpo.share_prompt`` (each pair's prompt through the model once, its
+KV cache shared by both responses); ``--no-share-prompt`` shows the plain concatenated forward.
 Timed: the optimizer steps after the first ``--warmup`` ones. The goal (issue 6): at least 1.25x TRL.
 """
 
@@ -69,7 +71,7 @@ def run_ours(source: str, rows: list[dict], cfg, steps: int, warmup: int) -> flo
         c, r, n = tokenize_pair(tok, p)
         items.append({"chosen": c, "rejected": r, "prompt_len": n})
     dpo_cfg = OmegaConf.merge(cfg, {"dpo": {"max_steps": steps, "warmup_steps": 0}})
-    module = DPOModule(model, dpo_cfg)
+    module = DPOModule(model, dpo_cfg, tok.pad_token_id)
     data = StepBatches(len(items), cfg.dpo.batch_size, steps, cfg.seed,
                        lambda idx: collate([items[i] for i in idx], tok.pad_token_id))
     timer = Timer(warmup)
@@ -137,8 +139,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--no-share-prompt", action="store_true")
     args = parser.parse_args()
     overrides = [f"dpo.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides += ["dpo.share_prompt=false"] if args.no_share_prompt else []
     cfg = validate(compose(overrides))
     torch.set_num_threads(cfg.trainer.num_threads)
     source = model_source(cfg)
@@ -149,8 +153,8 @@ def main() -> None:
     theirs = run_trl(source, rows, cfg, args.steps, args.warmup)
     print(f"model: {source}; batch {cfg.dpo.batch_size} pairs, {args.steps - args.warmup} timed steps, "
           f"LoRA r{cfg.peft.options.r}, fp32, reference = adapter disabled, {cfg.trainer.num_threads} threads")
-    print(f"  posttrain dpo (Lightning): {ours:7.1f} pairs/s")
-    print(f"  TRL DPOTrainer:            {theirs:7.1f} pairs/s")
+    print(f"  posttrain dpo (Lightning, share_prompt={cfg.dpo.share_prompt}): {ours:7.1f} pairs/s")
+    print(f"  TRL DPOTrainer:                                {theirs:7.1f} pairs/s")
     print(f"speed-up: {ours / theirs:.2f}x (goal: at least 1.25x)")
 
 
