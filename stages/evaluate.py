@@ -6,15 +6,18 @@ reference responses (perplexity).
 
 Variants (``evaluate.variants``): ``base_zero_shot`` and ``base_few_shot`` (the base model prompted
 ``Q: ...\\nA:`` with none or ``few_shot`` solved examples first: the in-context-learning baseline, no
-training) and ``sft`` (the SFT model through its chat template).
+training), and any trained stage's model by its name (``sft``, ``dpo``: ``data/<name>`` through its chat
+template).
 
 Metrics per variant (``test/<name>``): accuracy overall and per family; on seen templates, on held-out
-templates and on the held-out family; perplexity on the reference responses; mean response length in
+templates and on the held-out family; accuracy when sampling once at temperature 1
+(``evaluate.sampled_accuracy``); perplexity on the reference responses; mean response length in
 characters; refusal rate on harmful and on harmless prompts; share of concise task answers; generation
-throughput.
+throughput. Against SFT (every variant but ``sft``): the verifier's win rate over SFT's answers to the same
+prompts, and for chat variants the KL to the SFT model along the variant's own answers.
 
-Inputs: ``data/base``, ``data/prepare`` (test split; train split for few-shot examples), ``data/sft``;
-``evaluate.*``, ``seed``.
+Inputs: ``data/base``, ``data/prepare`` (test split; train split for few-shot examples), ``data/sft``,
+``data/dpo``; ``evaluate.*``, ``seed``.
 Outputs: ``data/evaluate/`` (``generations.jsonl``, ``report.md``, ``run.json``),
 ``data/metrics/evaluate.json`` (variant -> metrics), ``data/plots/evaluate/accuracy.csv``.
 Each variant is also an MLflow child run of the evaluate run, with the same metric names.

@@ -51,10 +51,12 @@ def test_invalidation_rules(project):
 
     set_param(project, "collect.k", 3)  # a collect parameter: collect and the stages reading its pairs
     assert ran(sh("dvc", "repro", cwd=project).stdout) == AFTER_SFT
-    set_param(project, "judge.batch_size", 32)  # a judge parameter that leaves the pairs as they were
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"collect"}
-    (project / "data/labels/new.jsonl").write_text("")  # new human labels: collect reruns
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"collect"}
+    # A judge parameter, and new human labels: collect reruns; its output holds a new run.json (the new
+    # run's lineage), so the stages reading it rerun too.
+    set_param(project, "judge.batch_size", 32)
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == AFTER_SFT
+    (project / "data/labels/new.jsonl").write_text("")
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == AFTER_SFT
 
     set_param(project, "reward.lr", 0.002)  # a reward parameter: reward only (no stage reads it yet)
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"reward"}
