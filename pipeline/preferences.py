@@ -4,7 +4,7 @@
 from anywhere (another tool, a human-labelled set) gets the same checks: one JSON object per line with
 ``messages`` (the prompt turns) or ``prompt`` (one user turn), and ``chosen`` and ``rejected`` strings;
 ``score_chosen``/``score_rejected`` (numbers) and ``prompt_id`` are optional. A bad line stops with
-``file:line: field ...``.
+``file:line: field ...``. :class:`PreferenceData` is the data module both stages train on.
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Callable
+
+import lightning as L
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
 from pipeline.chat import InputError, json_objects
 from pipeline.suite import bucket
+from pipeline.training import StepBatches, batches_loader
 
 ROLES = ("system", "user", "assistant")
 
@@ -63,3 +70,54 @@ def tokenize_pair(tokenizer, pair: dict) -> tuple[list[int], list[int], int]:
         raise InputError("the chat template renders the prompt differently with and without the response; "
                          "responses cannot be separated from prompts for this tokenizer")
     return chosen, rejected, len(prompt)
+
+
+class PreferenceData(L.LightningDataModule):
+    """Tokenized preference pairs split by prompt (the same split for the reward model and alignment), in
+    resumable step order; the stage's ``collate(items, pad_id)`` builds its batches.
+
+    Each item: ``chosen``/``rejected`` token ids, ``prompt_len``, and ``gap`` (the judge's score gap).
+    Pairs longer than ``stage_cfg.max_tokens`` are dropped and counted.
+    """
+
+    def __init__(self, pairs_path: Path, tokenizer, cfg: DictConfig, stage_cfg: DictConfig,
+                 collate: Callable[[list[dict], int], dict]):
+        super().__init__()
+        self.pairs_path, self.tok, self.cfg, self.stage_cfg, self.collate = pairs_path, tokenizer, cfg, stage_cfg, collate
+        self.train_items: list[dict] = []
+        self.val_items: list[dict] = []
+        self.dropped = 0
+
+    def _items(self, pairs: list[dict]) -> list[dict]:
+        out = []
+        for p in pairs:
+            chosen, rejected, prompt_len = tokenize_pair(self.tok, p)
+            if max(len(chosen), len(rejected)) > self.stage_cfg.max_tokens:
+                self.dropped += 1
+                continue
+            gap = float(p.get("score_chosen", 1.0)) - float(p.get("score_rejected", 0.0))
+            out.append({"chosen": chosen, "rejected": rejected, "prompt_len": prompt_len, "gap": gap})
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        train, val = split_pairs(read_pairs(self.pairs_path), self.stage_cfg.val_share, self.cfg.seed)
+        self.train_items, self.val_items = self._items(train), self._items(val)
+        if not self.train_items or not self.val_items:
+            raise InputError(f"{self.pairs_path}: {len(self.train_items)} training and {len(self.val_items)} "
+                             "validation pairs after the split; both need at least one (collect more pairs or "
+                             "change the stage's val_share)")
+
+    def _collate(self, items: list[dict]) -> dict:
+        return self.collate(items, self.tok.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        c = self.stage_cfg
+        items = self.train_items
+        steps = StepBatches(len(items), c.batch_size, c.max_steps * c.get("accumulate_grad_batches", 1),
+                            self.cfg.seed, lambda idx: self._collate([items[i] for i in idx]))
+        return batches_loader(steps)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.stage_cfg.batch_size, collate_fn=self._collate)

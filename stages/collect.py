@@ -46,7 +46,7 @@ from pipeline.generation import generate
 from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
 from pipeline.lineage import stage_run
 from pipeline.models import load_tokenizer, render_ids
-from pipeline.outputs import atomic_dir, read_json, write_atomic, write_json
+from pipeline.outputs import atomic_dir, write_atomic, write_json
 from pipeline.plots import write_histogram
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def main(cfg: DictConfig) -> dict:
         start = time.perf_counter()
         scores = judge.score([c["row"] for c in collected], [[s["text"] for s in c["samples"]] for c in collected])
         judge_seconds = time.perf_counter() - start
-        pairs, stats = build_pairs(collected, scores, judge, cfg, policy.get("run_id") or read_json(policy_dir / "run.json").get("run_id"))
+        pairs, stats = build_pairs(collected, scores, judge, cfg, policy.get("run_id"))
         stats.update({"collect/tokens_per_second": tokens_per_second, "collect/sampling_seconds": sampling_seconds,
                       "collect/judge_seconds": judge_seconds})
         # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.

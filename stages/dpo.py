@@ -33,19 +33,17 @@ import logging
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from pipeline import adapters
 from pipeline.lineage import stage_run
 from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps, shared_prompt_logps
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.outputs import atomic_dir, write_json
-from pipeline.preferences import read_pairs, split_pairs, tokenize_pair
+from pipeline.preferences import PreferenceData
 from pipeline.schema import ConfigError
-from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
+from pipeline.training import (StageModule, adamw_warmup_cosine, build_trainer,
                                checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -69,51 +67,6 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["ref_chosen"] = torch.tensor([it["ref_chosen"] for it in items])
         batch["ref_rejected"] = torch.tensor([it["ref_rejected"] for it in items])
     return batch
-
-
-class PreferenceData(L.LightningDataModule):
-    """Tokenized preference pairs split by prompt (the reward stage's split), in resumable step order."""
-
-    def __init__(self, pairs_path: Path, tokenizer, cfg: DictConfig, stage_cfg: DictConfig):
-        super().__init__()
-        self.pairs_path, self.tok, self.cfg, self.stage_cfg = pairs_path, tokenizer, cfg, stage_cfg
-        self.train_items: list[dict] = []
-        self.val_items: list[dict] = []
-        self.dropped = 0
-
-    def _items(self, pairs: list[dict]) -> list[dict]:
-        out = []
-        for p in pairs:
-            chosen, rejected, prompt_len = tokenize_pair(self.tok, p)
-            if max(len(chosen), len(rejected)) > self.stage_cfg.max_tokens:
-                self.dropped += 1
-                continue
-            out.append({"chosen": chosen, "rejected": rejected, "prompt_len": prompt_len})
-        return out
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_items:
-            return
-        train, val = split_pairs(read_pairs(self.pairs_path), self.stage_cfg.val_share, self.cfg.seed)
-        self.train_items, self.val_items = self._items(train), self._items(val)
-        if not self.train_items or not self.val_items:
-            from pipeline.chat import InputError
-
-            raise InputError(f"{self.pairs_path}: {len(self.train_items)} training and {len(self.val_items)} "
-                             "validation pairs after the split; both need at least one")
-
-    def _collate(self, items: list[dict]) -> dict:
-        return collate(items, self.tok.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        c = self.stage_cfg
-        items = self.train_items
-        steps = StepBatches(len(items), c.batch_size, c.max_steps * c.accumulate_grad_batches, self.cfg.seed,
-                            lambda idx: self._collate([items[i] for i in idx]))
-        return batches_loader(steps)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_items, batch_size=self.stage_cfg.batch_size, collate_fn=self._collate)
 
 
 def uses_virtual_tokens(model) -> bool:
@@ -244,7 +197,7 @@ def main(cfg: DictConfig) -> dict:
         tokenizer = load_tokenizer(sft_dir, cfg.model)
         model = load_causal_lm(sft_dir, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
         model = adapters.apply(model, cfg.peft)
-        datamodule = PreferenceData(pairs_path, tokenizer, cfg, c)
+        datamodule = PreferenceData(pairs_path, tokenizer, cfg, c, collate)
         datamodule.setup()
         module = DPOModule(model, cfg, tokenizer.pad_token_id)
         if c.reference == "precompute" and module.needs_reference:

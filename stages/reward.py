@@ -32,23 +32,20 @@ import logging
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from pipeline import adapters
 from pipeline.lineage import stage_run
 from pipeline.models import load_sequence_scorer, load_tokenizer
 from pipeline.outputs import atomic_dir, write_json
 from pipeline.plots import write_histogram
-from pipeline.preferences import read_pairs, split_pairs, tokenize_pair
+from pipeline.preferences import PreferenceData
 from pipeline.rewards import GATE_JSON, STATS_JSON, bradley_terry_loss, sequence_rewards
-from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
+from pipeline.training import (StageModule, adamw_warmup_cosine, build_trainer,
                                checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
 
 log = logging.getLogger(__name__)
-Item = tuple[list[int], list[int], float]  # chosen ids, rejected ids, judge score gap
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,56 +59,10 @@ def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
     return ids, mask
 
 
-def collate(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows, in one batch (one forward pass for both)."""
-    ids, mask = pad([c for c, _, _ in items] + [r for _, r, _ in items], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "gap": torch.tensor([g for _, _, g in items], dtype=torch.float)}
-
-
-class RewardData(L.LightningDataModule):
-    """Tokenized preference pairs split by prompt, in resumable step order."""
-
-    def __init__(self, pairs_path: Path, tokenizer, cfg: DictConfig):
-        super().__init__()
-        self.pairs_path, self.tok, self.cfg = pairs_path, tokenizer, cfg
-        self.train_items: list[Item] = []
-        self.val_items: list[Item] = []
-        self.dropped = 0
-
-    def _items(self, pairs: list[dict]) -> list[Item]:
-        out = []
-        for p in pairs:
-            chosen, rejected, _ = tokenize_pair(self.tok, p)
-            if max(len(chosen), len(rejected)) > self.cfg.reward.max_tokens:
-                self.dropped += 1
-                continue
-            out.append((chosen, rejected, float(p.get("score_chosen", 1.0)) - float(p.get("score_rejected", 0.0))))
-        return out
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_items:
-            return
-        train, val = split_pairs(read_pairs(self.pairs_path), self.cfg.reward.val_share, self.cfg.seed)
-        self.train_items, self.val_items = self._items(train), self._items(val)
-        if not self.train_items or not self.val_items:
-            from pipeline.chat import InputError
-
-            raise InputError(f"{self.pairs_path}: {len(self.train_items)} training and {len(self.val_items)} "
-                             "validation pairs after the split; both need at least one (collect more pairs or "
-                             "change reward.val_share)")
-
-    def _collate(self, items: list[Item]) -> dict:
-        return collate(items, self.tok.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        r = self.cfg.reward
-        items = self.train_items
-        steps = StepBatches(len(items), r.batch_size, r.max_steps, self.cfg.seed,
-                            lambda idx: self._collate([items[i] for i in idx]))
-        return batches_loader(steps)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_items, batch_size=self.cfg.reward.batch_size, collate_fn=self._collate)
+    ids, mask = pad([it["chosen"] for it in items] + [it["rejected"] for it in items], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "gap": torch.tensor([it["gap"] for it in items], dtype=torch.float)}
 
 
 class RewardModule(StageModule):
@@ -174,7 +125,7 @@ def validation_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str
 
 
 @torch.no_grad()
-def reward_stats(model, items: list[Item], pad_id: int, batch_size: int) -> dict[str, float]:
+def reward_stats(model, items: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
     """Mean and std of the rewards of every training response (chosen and rejected)."""
     model.eval()
     values = []
@@ -219,7 +170,7 @@ def main(cfg: DictConfig) -> dict:
         model = load_sequence_scorer(backbone, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
         model.config.pad_token_id = tokenizer.pad_token_id  # the head pools at the last non-pad token
         model = adapters.apply(model, cfg.peft, task_type="SEQ_CLS")
-        datamodule = RewardData(pairs_path, tokenizer, cfg)
+        datamodule = PreferenceData(pairs_path, tokenizer, cfg, r, collate)
         datamodule.setup()
         module = RewardModule(model, cfg)
         ckpt_dir = checkpoint_dir(cfg, "reward", [i["digest"] for i in inputs])
