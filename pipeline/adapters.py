@@ -129,6 +129,13 @@ def quantization_config(cfg: DictConfig):
                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
 
 
+def uses_virtual_tokens(model) -> bool:
+    """Whether a peft prompt-learning adapter prepends virtual tokens (then a prompt's KV cache cannot be
+    shared or built by hand: such models decode through ``generate``)."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+
+
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 

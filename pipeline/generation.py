@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from pipeline.adapters import uses_virtual_tokens
+
 
 @dataclass
 class Generated:
@@ -77,7 +79,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         idx = order[lo:lo + batch_size]
         input_ids, mask = left_pad([prompts[i] for i in idx], pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        if getattr(model, "peft_config", None) is not None:  # prompt learning: virtual tokens, its own cache
+        if uses_virtual_tokens(model):  # prompt learning: virtual tokens, its own cache
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
             out = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
                                  max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,

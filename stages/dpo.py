@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import adapters
+from pipeline.adapters import uses_virtual_tokens
 from pipeline.lineage import stage_run
 from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps, shared_prompt_logps
 from pipeline.models import load_causal_lm, load_tokenizer
@@ -67,12 +68,6 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["ref_chosen"] = torch.tensor([it["ref_chosen"] for it in items])
         batch["ref_rejected"] = torch.tensor([it["ref_rejected"] for it in items])
     return batch
-
-
-def uses_virtual_tokens(model) -> bool:
-    """Whether a peft prompt-learning adapter prepends virtual tokens (then prompts cannot be shared)."""
-    configs = getattr(model, "peft_config", None) or {}
-    return any(getattr(c, "is_prompt_learning", False) for c in configs.values())
 
 
 def reference_context(model):
