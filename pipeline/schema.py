@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "evaluate")
+STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "evaluate")
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
-VARIANTS = ("base_zero_shot", "base_few_shot", "sft", "dpo")
+VARIANTS = ("base_zero_shot", "base_few_shot", "sft", "dpo", "ppo", "grpo")
 # peft methods (pipeline.adapters maps them to peft classes) plus bitfit and full fine-tuning.
 # Prompt-learning peft methods: virtual tokens instead of weight updates (nothing to merge, no packing).
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -196,6 +196,52 @@ class DpoStageConfig(TrainingStageConfig):
 
 
 @dataclass
+class OnlineStageConfig:
+    """What both online alignment stages (ppo, grpo) read: the iteration loop, sampling and updates."""
+
+    iterations: int = bounded(1)
+    prompts_per_iteration: int = bounded(1)
+    max_new_tokens: int = bounded(1)
+    temperature: float = bounded(0.01)
+    top_p: float = bounded(0.01, 1.0)
+    epochs: int = bounded(1)
+    minibatch_size: int = bounded(1)
+    lr: float = bounded(0.0, 1.0)
+    warmup_steps: int = bounded(0)
+    weight_decay: float = bounded(0.0, 1.0)
+    max_grad_norm: float = bounded(0.0)
+    clip: float = bounded(0.0, 1.0)
+    missing_eos_penalty: float = bounded(0.0)
+    val_share: float = bounded(0.01, 0.9)
+    max_prompt_tokens: int = bounded(4)
+    val_every_n_iterations: int = bounded(1)
+    checkpoint_every_n_iterations: int = bounded(1)
+
+
+@dataclass
+class PpoStageConfig(OnlineStageConfig):
+    value_clip: float = bounded(0.0)
+    vf_coef: float = bounded(0.0)
+    entropy_coef: float = bounded(0.0)
+    gamma: float = bounded(0.0, 1.0)
+    lam: float = bounded(0.0, 1.0)
+    kl_coef: float = bounded(0.0)
+    kl_target: Optional[float] = bounded(1e-6, default=None)
+    kl_horizon: int = bounded(1)
+    whiten_rewards: bool = False
+    critic: str = choice("adapter", "model")
+    critic_model: Optional[str] = None
+
+
+@dataclass
+class GrpoStageConfig(OnlineStageConfig):
+    reward: str = choice("verifier", "model")
+    group_size: int = bounded(2)
+    kl_coef: float = bounded(0.0)
+    scale_advantages: bool = True
+
+
+@dataclass
 class JudgeConfig:
     """One schema for every judge; each ``conf/judge/*.yaml`` sets only the keys its judge reads."""
 
@@ -236,6 +282,8 @@ class RootConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     reward: RewardStageConfig = field(default_factory=RewardStageConfig)
     dpo: DpoStageConfig = field(default_factory=DpoStageConfig)
+    ppo: PpoStageConfig = field(default_factory=PpoStageConfig)
+    grpo: GrpoStageConfig = field(default_factory=GrpoStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
@@ -343,6 +391,11 @@ def _check_rules(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.evaluate.variants) - set(VARIANTS))
     if unknown:
         raise ConfigError(f"config key 'evaluate.variants' has {unknown[0]!r}; valid: {list(VARIANTS)}")
+    for name in ("ppo", "grpo"):
+        online = cfg[name]
+        if online.minibatch_size > online.prompts_per_iteration * online.get("group_size", 1):
+            raise ConfigError(f"config key '{name}.minibatch_size' = {online.minibatch_size} exceeds the sequences "
+                              f"sampled per iteration ({name}.prompts_per_iteration x samples per prompt)")
     if cfg.peft.quantize_base and cfg.peft.method in ("none", "bitfit"):
         raise ConfigError(f"config key 'peft.quantize_base' = {cfg.peft.quantize_base!r} needs an adapter method "
                           f"(a 4-bit base cannot be trained directly); peft.method = {cfg.peft.method!r}")

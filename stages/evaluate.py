@@ -6,18 +6,21 @@ reference responses (perplexity).
 
 Variants (``evaluate.variants``): ``base_zero_shot`` and ``base_few_shot`` (the base model prompted
 ``Q: ...\\nA:`` with none or ``few_shot`` solved examples first: the in-context-learning baseline, no
-training), and any trained stage's model by its name (``sft``, ``dpo``: ``data/<name>`` through its chat
-template).
+training), and any trained stage's model by its name (``sft``, ``dpo``, ``ppo``, ``grpo``: ``data/<name>``
+through its chat template).
 
 Metrics per variant (``test/<name>``): accuracy overall and per family; on seen templates, on held-out
 templates and on the held-out family; accuracy when sampling once at temperature 1
 (``evaluate.sampled_accuracy``); perplexity on the reference responses; mean response length in
 characters; refusal rate on harmful and on harmless prompts; share of concise task answers; generation
-throughput. Against SFT (every variant but ``sft``): the verifier's win rate over SFT's answers to the same
-prompts, and for chat variants the KL to the SFT model along the variant's own answers.
+throughput; the reward model's score (``test/reward_score``, normalized by its training pairs' mean and std;
+when ``data/reward`` holds a model that passed its gate). Against SFT (every variant but ``sft``): the verifier's win rate over SFT's answers to the same
+prompts, and for chat variants the KL to the SFT model along the variant's own answers; with a reward
+model, ``test/reward_win_rate_vs_sft``: the share of prompts where it scores this variant's answer above
+SFT's (ties half).
 
 Inputs: ``data/base``, ``data/prepare`` (test split; train split for few-shot examples), ``data/sft``,
-``data/dpo``; ``evaluate.*``, ``seed``.
+``data/dpo``, ``data/ppo``, ``data/grpo``, ``data/reward``; ``evaluate.*``, ``seed``.
 Outputs: ``data/evaluate/`` (``generations.jsonl``, ``report.md``, ``run.json``),
 ``data/metrics/evaluate.json`` (variant -> metrics), ``data/plots/evaluate/accuracy.csv``.
 Each variant is also an MLflow child run of the evaluate run, with the same metric names.
@@ -254,6 +257,12 @@ def win_rates(records: list[dict], baseline: list[dict], rows: dict[str, dict]) 
             "test/tie_rate_vs_sft": round(ties / n, 4) if n else float("nan")}
 
 
+def reward_win_rate(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The reward model as judge: the share of test prompts where this variant's answer scores above SFT's,
+    ties (equal scores: in practice, identical answers) counted half."""
+    return round(float(((mine > theirs).float() + 0.5 * (mine == theirs).float()).mean()), 4)
+
+
 def annotate(records: list[dict]) -> None:
     """Add the behaviour flags the metrics count: refused, concise."""
     for r in records:
@@ -303,16 +312,25 @@ def main(cfg: DictConfig) -> dict:
             run.add_input(folder, data / folder)
         test_rows = read_jsonl(data / "prepare" / "test.jsonl")
         train_rows = read_jsonl(data / "prepare" / "train.jsonl")
-        results, generations, by_variant = {}, [], {}
+        reward_score = reward_scorer(cfg, run)
+        results, generations, by_variant, reward_by_variant = {}, [], {}, {}
         for variant in chosen:
             seed_everything(cfg)
             metrics, records = evaluate_variant(variant, cfg, test_rows, train_rows)
+            if reward_score is not None:
+                prompts = [{"messages": r["messages"][:-1]} for r in test_rows]
+                responses = {r["id"]: r["response"] for r in records}
+                scores = reward_score(prompts, [responses[r["id"]] for r in test_rows])
+                metrics["test/reward_score"] = round(float(scores.mean()), 4)
+                reward_by_variant[variant.name] = scores
             results[variant.name] = metrics
             by_variant[variant.name] = records
             generations += [{"variant": variant.name, **r} for r in records]
         for name, metrics in results.items():
             if "sft" in by_variant and name != "sft":
                 metrics.update(win_rates(by_variant[name], by_variant["sft"], {r["id"]: r for r in test_rows}))
+            if "sft" in reward_by_variant and name != "sft":
+                metrics["test/reward_win_rate_vs_sft"] = reward_win_rate(reward_by_variant[name], reward_by_variant["sft"])
             child = run.child(name, tags={"posttrain.variant": name})
             child.log_metrics(metrics)
             child.finish()
@@ -325,6 +343,25 @@ def main(cfg: DictConfig) -> dict:
         run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
         run.log_artifact(out / "report.md")
     return results
+
+
+def reward_scorer(cfg: DictConfig, run):
+    """The reward model's scorer for ``test/reward_score``, or None when there is no usable reward model."""
+    import logging
+
+    from pipeline.online import model_reward
+    from pipeline.rewards import GateError, load_reward_model
+
+    folder = Path(cfg.paths.data) / "reward"
+    if not folder.exists():
+        return None
+    try:
+        reward_model = load_reward_model(folder, cfg.model)
+    except GateError as err:
+        logging.getLogger(__name__).warning("evaluate: no reward-model score: %s", err)
+        return None
+    run.add_input("reward", folder)
+    return model_reward(reward_model)
 
 
 def read_jsonl(path: Path) -> list[dict]:

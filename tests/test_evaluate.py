@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from pipeline.models import build_char_tokenizer
 from stages.evaluate import PromptBuilder, Variant, annotate, report_markdown, score, summarize
@@ -115,3 +116,9 @@ def test_kl_to_reference_is_zero_against_itself_and_matches_an_unpadded_computat
         a = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], -1)[len(p) - 1:len(p) - 1 + len(r)]
         b = torch.log_softmax(other(input_ids=torch.tensor([p + r])).logits[0], -1)[len(p) - 1:len(p) - 1 + len(r)]
     assert kls[1][0] == pytest.approx(float((a.exp() * (a - b)).sum()), rel=1e-4) and kls[1][1] == len(r)
+
+
+def test_reward_win_rate_counts_wins_and_half_ties():
+    from stages.evaluate import reward_win_rate
+
+    assert reward_win_rate(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0.0, 2.0, 4.0, 1.0])) == (1 + 0.5 + 0 + 1) / 4

@@ -6,7 +6,9 @@ Both train a fresh LoRA adapter (conf/peft/lora.yaml) on the same model (the def
 when it exists, else a fresh embedded-size model) with the sigmoid DPO loss, the same pairs
 (``data/collect/pairs.jsonl``, else generated suite pairs), the same batch size and learning rate, in one
 run, with fair settings: fp32, no gradient checkpointing, dropout off, the reference obtained the same way
-(the adapter switched off, no second copy of the weights), no evaluation or logging in the timed window.
+(``--reference``: per step with the adapter switched off, the default, or precomputed once before training,
+TRL's ``precompute_ref_log_probs``; never a second copy of the weights), no evaluation or logging in the
+timed window.
 Ours runs with the stage's default ``dpo.share_prompt`` (each pair's prompt through the model once, its
 KV cache shared by both responses); ``--no-share-prompt`` shows the plain concatenated forward.
 Timed: the optimizer steps after the first ``--warmup`` ones. The goal (issue 6): at least 1.25x TRL.
@@ -56,7 +58,7 @@ def pairs(n: int) -> list[dict]:
     return (rows * (n // len(rows) + 1))[:n]
 
 
-def run_ours(source: str, rows: list[dict], cfg, steps: int, warmup: int) -> float:
+def run_ours(source: str, rows: list[dict], cfg, steps: int, warmup: int, precompute: bool = False) -> float:
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -72,6 +74,12 @@ def run_ours(source: str, rows: list[dict], cfg, steps: int, warmup: int) -> flo
         items.append({"chosen": c, "rejected": r, "prompt_len": n})
     dpo_cfg = OmegaConf.merge(cfg, {"dpo": {"max_steps": steps, "warmup_steps": 0}})
     module = DPOModule(model, dpo_cfg, tok.pad_token_id)
+    if precompute:  # reference log-probs once, before training (untimed, as TRL's precompute pass is)
+        for lo in range(0, len(items), cfg.dpo.batch_size):
+            chunk = items[lo:lo + cfg.dpo.batch_size]
+            ref = module.reference_logps(collate(chunk, tok.pad_token_id))
+            for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
+                it["ref_chosen"], it["ref_rejected"] = c, r
     data = StepBatches(len(items), cfg.dpo.batch_size, steps, cfg.seed,
                        lambda idx: collate([items[i] for i in idx], tok.pad_token_id))
     timer = Timer(warmup)
@@ -102,7 +110,7 @@ class Timer:
         return _Timer()
 
 
-def run_trl(source: str, rows: list[dict], cfg, steps: int, warmup: int) -> float:
+def run_trl(source: str, rows: list[dict], cfg, steps: int, warmup: int, precompute: bool = False) -> float:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -127,7 +135,7 @@ def run_trl(source: str, rows: list[dict], cfg, steps: int, warmup: int) -> floa
                      learning_rate=cfg.dpo.lr, lr_scheduler_type="constant", beta=cfg.dpo.beta, loss_type=["sigmoid"],
                      bf16=False, gradient_checkpointing=False, use_cpu=True, report_to=[], logging_steps=10_000,
                      save_strategy="no", eval_strategy="no", disable_dropout=True, max_length=None,
-                     dataloader_num_workers=0, seed=cfg.seed)
+                     dataloader_num_workers=0, seed=cfg.seed, precompute_ref_log_probs=precompute)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                          peft_config=adapters.peft_config(cfg.peft, model), callbacks=[timer])
     trainer.train()
@@ -140,6 +148,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-share-prompt", action="store_true")
+    parser.add_argument("--reference", choices=("disable_adapter", "precompute"), default="disable_adapter",
+                        help="how both get reference log-probs: per step with the adapter off, or once before training")
     args = parser.parse_args()
     overrides = [f"dpo.batch_size={args.batch_size}"] if args.batch_size else []
     overrides += ["dpo.share_prompt=false"] if args.no_share_prompt else []
@@ -148,11 +158,12 @@ def main() -> None:
     source = model_source(cfg)
     rows = pairs(args.steps * cfg.dpo.batch_size)
     torch.manual_seed(0)
-    ours = run_ours(source, rows, cfg, args.steps, args.warmup)
+    precompute = args.reference == "precompute"
+    ours = run_ours(source, rows, cfg, args.steps, args.warmup, precompute)
     torch.manual_seed(0)
-    theirs = run_trl(source, rows, cfg, args.steps, args.warmup)
+    theirs = run_trl(source, rows, cfg, args.steps, args.warmup, precompute)
     print(f"model: {source}; batch {cfg.dpo.batch_size} pairs, {args.steps - args.warmup} timed steps, "
-          f"LoRA r{cfg.peft.options.r}, fp32, reference = adapter disabled, {cfg.trainer.num_threads} threads")
+          f"LoRA r{cfg.peft.options.r}, fp32, reference = {args.reference} (both), {cfg.trainer.num_threads} threads")
     print(f"  posttrain dpo (Lightning, share_prompt={cfg.dpo.share_prompt}): {ours:7.1f} pairs/s")
     print(f"  TRL DPOTrainer:                                {theirs:7.1f} pairs/s")
     print(f"speed-up: {ours / theirs:.2f}x (goal: at least 1.25x)")

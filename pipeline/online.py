@@ -1,0 +1,441 @@
+"""What the online alignment stages (``ppo``, ``grpo``) share: prompts in resumable order, sampling from
+the policy, the token layout, per-token log-probs of policy and reference, reward functions, and one
+``LightningModule`` skeleton on manual optimization whose checkpoints resume an RL run exactly.
+
+One *iteration* = sample responses for a batch of prompts, score them, then several epochs of minibatch
+updates on that batch. Lightning counts optimizer steps, so a run of N iterations is ``N x updates per
+iteration`` trainer steps; the data position, the KL controller and the RNG states are restored from the
+checkpoint, so a killed run continues with the batch and the random stream it would have had.
+
+Token layout of a sampled batch: ``[left-padded prompt | response, right-padded]``. Every response starts
+in the same column ``W``, so per-token tensors are plain slices ``[:, W:]`` of shape (rows, T), with
+``mask`` = 1 on real response tokens (the end token included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from pipeline.chat import InputError
+from pipeline.generation import Generated, generate
+from pipeline.judges import has_verifier, verifier_score
+from pipeline.models import render_ids
+from pipeline.preferences import holdout_key
+from pipeline.suite import bucket
+from pipeline.training import StageModule, StepBatches, adamw_warmup_cosine, batches_loader
+
+Tensor = torch.Tensor
+# Checkpoints are taken after an iteration's updates, which is the state to resume from; Lightning's
+# warning that a manual-optimization checkpoint holds the post-update state does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+# ------------------------------------------------------------------------------------------------- data
+def read_prompts(path: Path) -> list[dict]:
+    """Prompt rows of the ``prompts`` split (a trailing reference answer moves to ``meta.reference``)."""
+    if not path.exists():
+        raise InputError(f"{path}: no prompt file; run the prepare stage first")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            messages = row["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{path}:{number}: not a prompt row with 'messages' ({err})") from None
+        if messages and messages[-1]["role"] == "assistant":
+            row.setdefault("meta", {})["reference"] = messages[-1]["content"]
+            row["messages"] = messages[:-1]
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: the prompt file has no rows")
+    return rows
+
+
+class PromptData(L.LightningDataModule):
+    """Prompts of the ``prompts`` split: train prompts in resumable step order (batch k = iteration k's
+    prompts), validation prompts (the same held-out share, by the same hash of the task instance, as the
+    preference pairs': reward, DPO, PPO and GRPO validate on the same instances)."""
+
+    def __init__(self, path: Path, tokenizer, seed: int, stage_cfg: DictConfig):
+        super().__init__()
+        self.path, self.tok, self.seed, self.c = path, tokenizer, seed, stage_cfg
+        self.train_items: list[dict] = []
+        self.val_items: list[dict] = []
+        self.dropped = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        for row in read_prompts(self.path):
+            ids = render_ids(self.tok, row["messages"], add_generation_prompt=True)
+            if len(ids) > self.c.max_prompt_tokens:
+                self.dropped += 1
+                continue
+            key = holdout_key({**row, "prompt_id": row.get("id")})  # collect names a pair's prompt by the row id
+            held_out = bucket(key, f"pairs:{self.seed}") < self.c.val_share
+            (self.val_items if held_out else self.train_items).append({"row": row, "prompt": ids})
+        if not self.train_items or not self.val_items:
+            raise InputError(f"{self.path}: {len(self.train_items)} training and {len(self.val_items)} validation "
+                             "prompts after the split; both need at least one")
+
+    def train_dataloader(self) -> DataLoader:
+        items = self.train_items
+        steps = StepBatches(len(items), self.c.prompts_per_iteration, self.c.iterations, self.seed,
+                            lambda idx: [items[i] for i in idx])
+        return batches_loader(steps)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=64, collate_fn=list)
+
+
+# ----------------------------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    """A sampled batch in the token layout of the module docstring."""
+
+    rows: list[dict]           # the prompt row of each sequence
+    texts: list[str]           # decoded responses
+    input_ids: Tensor          # (n, W + T)
+    attention_mask: Tensor     # (n, W + T)
+    mask: Tensor               # (n, T) float: real response tokens
+    finished: Tensor           # (n,) bool: ended with an end token
+    width: int                 # W: the prompt columns
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: Tensor) -> "Rollout":
+        keep = idx.tolist()
+        return Rollout([self.rows[i] for i in keep], [self.texts[i] for i in keep], self.input_ids[idx],
+                       self.attention_mask[idx], self.mask[idx], self.finished[idx], self.width)
+
+
+def build_rollout(rows: list[dict], prompts: list[list[int]], generated: list[Generated], pad_id: int) -> Rollout:
+    """Lay prompts (left-padded) and responses (right-padded) out so every response starts in one column."""
+    width = max(len(p) for p in prompts)
+    length = max(1, max(len(g.ids) for g in generated))
+    n = len(generated)
+    ids = torch.full((n, width + length), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width + length), dtype=torch.long)
+    for i, (p, g) in enumerate(zip(prompts, generated)):
+        ids[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p):width] = 1
+        if g.ids:
+            ids[i, width:width + len(g.ids)] = torch.tensor(g.ids, dtype=torch.long)
+            attention[i, width:width + len(g.ids)] = 1
+    mask = attention[:, width:].float()
+    finished = torch.tensor([g.finished for g in generated])
+    return Rollout(rows, [g.text for g in generated], ids, attention, mask, finished, width)
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that count real tokens only (left padding)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logps(model, roll: Rollout, with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (n, T) of the responses under ``model`` (and the entropy of its next-token
+    distribution at each response position), with the logits divided by the sampling ``temperature`` so
+    that they are the log-probs of the distribution the responses were drawn from (as TRL's GRPO does).
+    Plain log-softmax + gather in fp32: what trl's ``selective_log_softmax`` does, without importing trl
+    (~10 s) into the stage."""
+    out = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+                position_ids=positions(roll.attention_mask), use_cache=False)
+    logits = out.logits[:, roll.width - 1:-1].float() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, roll.input_ids[:, roll.width:, None]).squeeze(-1) * roll.mask
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * roll.mask if with_entropy else None
+    return logp, entropy
+
+
+def has_adapter(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextmanager
+def active_adapter(model, name: str):
+    """Run a peft model with adapter ``name`` active. peft's ``set_adapter`` freezes the other adapters;
+    every adapter is made trainable again, so a policy and a critic adapter both train on one base."""
+    previous = model.active_adapter
+    model.set_adapter(name)
+    model.set_requires_grad(list(model.peft_config), True)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+        model.set_requires_grad(list(model.peft_config), True)
+
+
+class Reference:
+    """The reference policy (the SFT model): the policy with its adapters switched off (no weight copy),
+    or a frozen copy for full fine-tuning."""
+
+    def __init__(self, policy, copy=None, temperature: float = 1.0):
+        self.policy, self.copy, self.temperature = policy, copy, temperature
+        if copy is None and not has_adapter(policy):
+            raise ValueError("a reference needs an adapter on the policy or a frozen copy")
+
+    @torch.no_grad()
+    def logps(self, roll: Rollout) -> Tensor:
+        if self.copy is not None:
+            return token_logps(self.copy, roll, temperature=self.temperature)[0]
+        with self.policy.disable_adapter():
+            return token_logps(self.policy, roll, temperature=self.temperature)[0]
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+Scorer = Callable[[list[dict], list[str]], Tensor]
+
+
+def verifier_reward(rows: list[dict], texts: list[str]) -> Tensor:
+    """The suite verifier's score (0 wrong, 1 correct but verbose, 2 concise; safety: 2 right, 0 wrong):
+    a verifiable reward, no model involved."""
+    for row in rows:
+        if not has_verifier(row):
+            raise InputError(f"prompt {row.get('id', '?')!r} has no verifier (no suite answer, no reference); "
+                             "use reward=model for data without references")
+    return torch.tensor([verifier_score(r, t) for r, t in zip(rows, texts)], dtype=torch.float)
+
+
+def model_reward(reward_model, batch_size: int = 64) -> Scorer:
+    """Score responses with a loaded :class:`pipeline.rewards.RewardModel`, normalized by the mean and std
+    its training pairs had (so a score of 1 = one training-pair spread above their mean)."""
+    from pipeline.generation import left_pad
+    from pipeline.rewards import sequence_rewards
+
+    tok = reward_model.tokenizer
+
+    @torch.no_grad()
+    def score(rows: list[dict], texts: list[str]) -> Tensor:
+        ids = [render_ids(tok, r["messages"] + [{"role": "assistant", "content": t}]) for r, t in zip(rows, texts)]
+        out = []
+        for lo in range(0, len(ids), batch_size):
+            input_ids, mask = left_pad(ids[lo:lo + batch_size], tok.pad_token_id)
+            out.append(sequence_rewards(reward_model.model, input_ids, mask))
+        return reward_model.normalize(torch.cat(out))
+
+    return score
+
+
+# ------------------------------------------------------------------------------------------------ module
+class OnlineModule(StageModule):
+    """The iteration loop of online alignment on manual optimization. Subclasses implement
+    :meth:`iteration` (the update on one sampled batch) and may add state to :meth:`extra_state`."""
+
+    automatic_optimization = False
+
+    def __init__(self, model, tokenizer, cfg: DictConfig, stage_cfg: DictConfig, scorer: Scorer,
+                 reference: Reference, samples_per_prompt: int = 1):
+        super().__init__()
+        self.model, self.tok, self.c, self.seed = model, tokenizer, stage_cfg, cfg.seed
+        self.scorer, self.reference, self.k = scorer, reference, samples_per_prompt
+        sequences = stage_cfg.prompts_per_iteration * samples_per_prompt
+        self.updates_per_iteration = stage_cfg.epochs * math.ceil(sequences / stage_cfg.minibatch_size)
+        self._val: list[dict] = []
+
+    # ---- resume
+    @property
+    def iteration(self) -> int:
+        return self.trainer.global_step // self.updates_per_iteration
+
+    def on_fit_start(self) -> None:
+        self.model.train()
+
+    def on_train_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, StepBatches):
+            dataset.start = self.iteration
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["online_state"] = self.extra_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.load_extra_state(checkpoint.get("online_state", {}))
+
+    # ---- sampling
+    def sample(self, items: list[dict], seed: int, greedy: bool = False) -> Rollout:
+        """Responses of the policy to ``items`` (``k`` each, prompt-major), laid out for training."""
+        prompts = [it["prompt"] for it in items]
+        generated, _ = generate(self.model, self.tok, prompts, self.c.max_new_tokens, batch_size=len(prompts),
+                                do_sample=not greedy, temperature=self.c.temperature, top_p=self.c.top_p,
+                                generator_seed=seed, samples_per_prompt=1 if greedy else self.k)
+        k = 1 if greedy else self.k
+        rows = [it["row"] for it in items for _ in range(k)]
+        return build_rollout(rows, [p for p in prompts for _ in range(k)], generated, self.tok.pad_token_id)
+
+    def scores(self, roll: Rollout) -> tuple[Tensor, Tensor]:
+        """(raw reward, reward after the missing-end-token penalty) of each sequence."""
+        raw = self.scorer(roll.rows, roll.texts).float()
+        return raw, raw - self.c.missing_eos_penalty * (~roll.finished).float()
+
+    # ---- optimization
+    def training_step(self, items: list[dict], batch_idx: int) -> None:
+        it = self.iteration
+        roll = self.sample(items, seed=self.seed * 1_000_003 + it)
+        metrics = self.iteration_update(roll)
+        metrics.update({"response_length": float(roll.mask.sum(-1).mean()),
+                        "unfinished_rate": float((~roll.finished).float().mean())})
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True)
+        self.history.append({"iteration": it + 1, **{f"train/{k}": round(float(v), 5) for k, v in metrics.items()}})
+
+    def iteration_update(self, roll: Rollout) -> dict[str, float]:
+        raise NotImplementedError
+
+    def policy_logps(self, roll: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The policy's per-token log-probs of sampled responses, at the sampling temperature."""
+        return token_logps(self.model, roll, with_entropy, self.c.temperature)
+
+    def minibatches(self, n: int):
+        """Index tensors of each update: ``epochs`` shuffled passes over the batch."""
+        for _ in range(self.c.epochs):
+            yield from torch.randperm(n).split(self.c.minibatch_size)
+
+    def step(self, loss: Tensor) -> None:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.c.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.c.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+
+    def configure_optimizers(self):
+        total = self.c.iterations * self.updates_per_iteration
+        return adamw_warmup_cosine(self, self.c.lr, self.c.weight_decay, self.c.warmup_steps, total)
+
+    # ---- validation: greedy answers to held-out prompts
+    def validation_step(self, items: list[dict], batch_idx: int) -> None:
+        roll = self.sample(items, seed=self.seed, greedy=True)
+        raw, _ = self.scores(roll)
+        correct = [verifier_score(r, t) > 0 for r, t in zip(roll.rows, roll.texts) if has_verifier(r)]
+        self._val.append({"reward": raw.sum().item(), "n": len(roll), "length": roll.mask.sum().item(),
+                          "correct": sum(correct), "verified": len(correct)})
+
+    def on_validation_epoch_end(self) -> None:
+        n = sum(v["n"] for v in self._val)
+        verified = sum(v["verified"] for v in self._val)
+        metrics = {"val/reward": sum(v["reward"] for v in self._val) / n,
+                   "val/response_length": sum(v["length"] for v in self._val) / n}
+        if verified:
+            metrics["val/accuracy"] = sum(v["correct"] for v in self._val) / verified
+        self._val = []
+        self.log_dict(metrics)
+        if self.trainer.state.fn == "fit":
+            self.history.append({"iteration": self.iteration, **metrics})
+
+
+# -------------------------------------------------------------------------------------------------- stage
+def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
+              save_extra: Callable[[OnlineModule, Path], None] | None = None) -> dict:
+    """Run an online alignment stage ``name`` (``ppo``, ``grpo``) end to end; return its metrics.
+
+    ``make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)`` builds the stage's
+    module; ``reward`` is ``model`` (the reward stage's model, gate checked first) or ``verifier``.
+    """
+    import logging
+    import time
+
+    from pipeline import adapters
+    from pipeline.lineage import stage_run
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.outputs import atomic_dir, write_json
+    from pipeline.rewards import load_reward_model
+    from pipeline.schema import PROMPT_LEARNING, ConfigError
+    from pipeline.training import build_trainer, checkpoint_dir, clear_checkpoints, resume_path, seed_everything
+
+    log = logging.getLogger(f"stages.{name}")
+    c = cfg[name]
+    if cfg.peft.method in PROMPT_LEARNING:
+        raise ConfigError(f"config key 'peft.method' = {cfg.peft.method!r}: online alignment needs weight adapters "
+                          "(lora, ia3, ...) or full fine-tuning; virtual tokens do not fit its token layout")
+    data = Path(cfg.paths.data)
+    sft_dir, prompts_path, out = data / "sft", data / "prepare" / "prompts.jsonl", data / name
+    with stage_run(cfg, name) as run:
+        inputs = [run.add_input("prepare", prompts_path, dataset=True), run.add_input("sft", sft_dir)]
+        reward_model = None
+        if reward == "model":  # first: a reward model that failed its gate stops the stage before any work
+            reward_model = load_reward_model(data / "reward", cfg.model)
+            inputs.append(run.add_input("reward", data / "reward"))
+            run.set_tag("reward_model_accuracy", reward_model.accuracy)
+        seed_everything(cfg)
+        start = time.time()
+        tokenizer = load_tokenizer(sft_dir, cfg.model)
+
+        def load_copy(path: str | None = None, trainable: bool = False):
+            """Another copy of a causal LM (default: the SFT model): trained through the peft group, or frozen."""
+            copy = load_causal_lm(path or sft_dir, cfg.model)
+            if trainable:
+                return adapters.apply(copy, cfg.peft)
+            return copy.eval().requires_grad_(False)
+
+        model = load_causal_lm(sft_dir, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
+        has_adapters = cfg.peft.method not in ("none", "bitfit")
+        adapter_config = adapters.peft_config(cfg.peft, model) if has_adapters else None
+        model = adapters.apply(model, cfg.peft)
+        reference = Reference(model, None if has_adapters else load_copy(), temperature=c.temperature)
+        scorer = model_reward(reward_model) if reward_model is not None else verifier_reward
+        datamodule = PromptData(prompts_path, tokenizer, cfg.seed, c)
+        datamodule.setup()
+        module = make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)
+        updates = module.updates_per_iteration
+        ckpt_dir = checkpoint_dir(cfg, name, [i["digest"] for i in inputs])
+        trainer = build_trainer(cfg, run, ckpt_dir, c.iterations * updates, c.val_every_n_iterations,
+                                c.checkpoint_every_n_iterations * updates)
+        resume = resume_path(ckpt_dir)
+        before = None
+        if resume:
+            log.warning("%s: resuming from %s", name, resume)
+            run.set_tag("resumed_from", resume)
+        else:
+            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        fit_start = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        fit_seconds = time.time() - fit_start
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        if has_adapter(model):
+            model.set_adapter("default")
+        with atomic_dir(out) as tmp:
+            adapters.save_trained(model, cfg.peft, tmp, str(sft_dir), cfg.model, str(sft_dir))
+            tokenizer.save_pretrained(tmp)
+            if save_extra is not None:
+                save_extra(module, tmp)
+            run.write_run_json(tmp, peft_method=cfg.peft.method, reward=reward)
+        clear_checkpoints(cfg, name)
+        run.add_output(name, out)
+        plots = Path(cfg.paths.plots) / name
+        write_json(plots / "iterations.json", [h for h in module.history if "train/reward" in h])
+        write_json(plots / "val.json", [h for h in module.history if "val/reward" in h])
+        last = [h for h in module.history if "train/reward" in h][-1]
+        metrics = {**{k: round(v, 4) for k, v in final.items()},
+                   **{k: round(v, 4) for k, v in last.items() if k.startswith("train/")},
+                   "train/prompts": len(datamodule.train_items), "val/prompts": len(datamodule.val_items),
+                   "train/seconds_per_iteration": round(fit_seconds / max(1, c.iterations), 3),
+                   "train/seconds": round(time.time() - start, 1)}
+        if before is not None:
+            metrics.update({f"{k}_before": round(v, 4) for k, v in before.items()})
+        write_json(Path(cfg.paths.metrics) / f"{name}.json", metrics)
+        run.log_metrics(metrics)
+        log.info("%s: held-out reward %.3f (before %s), accuracy %s", name, final["val/reward"],
+                 before and round(before["val/reward"], 3), final.get("val/accuracy"))
+    return metrics

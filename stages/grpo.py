@@ -1,0 +1,71 @@
+"""grpo: online alignment of the SFT model by GRPO, with verifiable rewards or the reward model, resumable.
+
+Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", sec. 4.1): no critic. Each iteration
+samples ``grpo.group_size`` responses for each of ``grpo.prompts_per_iteration`` prompts, scores them, and
+gives every response the advantage (score - group mean) / group std (:func:`pipeline.rl.group_advantages`);
+then ``grpo.epochs`` passes over shuffled minibatches minimize the clipped surrogate plus
+``grpo.kl_coef`` x the k3 estimate of KL to the reference (the SFT model = the policy with its adapter off).
+Losses are averaged over all response tokens of a minibatch (DAPO's token-level mean, Yu et al. 2025: long
+and short responses weigh per token, not per sequence).
+
+Reward (``grpo.reward``): ``verifier`` (default: the embedded suite's checker, 0 wrong / 1 correct but
+verbose / 2 concise; safety: 2 when refusing harmful and helping harmless requests; rows with a reference
+answer are checked against it) or ``model`` (the reward stage's model, gate checked, normalized). A group
+whose responses all score the same carries no signal: its share is reported as ``train/flat_groups``.
+
+Metrics each iteration (``data/plots/grpo/iterations.json``): reward, KL, entropy, clip fraction, flat-group
+share, response length; validation as in ``ppo`` (greedy answers to held-out prompts).
+Resume: adapter, optimizer, scheduler, RNG states and data position in checkpoints, as in ``ppo``.
+
+Inputs: ``data/prepare/prompts.jsonl``, ``data/sft`` (and ``data/reward`` with ``grpo.reward=model``);
+``grpo.*``, ``peft.*``, ``trainer.*``, ``seed``. Outputs: ``data/grpo/`` (merged HF folder, ``adapter/``,
+``run.json``), ``data/metrics/grpo.json``, ``data/plots/grpo/{iterations,val}.json``.
+Run: ``python -m pipeline.run stage=grpo [grpo.reward=model]``
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline import rl
+from pipeline.online import OnlineModule, Reference, Rollout, Scorer, run_stage
+
+
+class GRPOModule(OnlineModule):
+    """GRPO: group-normalized advantages, clipped surrogate, k3 KL penalty (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, cfg: DictConfig, scorer: Scorer, reference: Reference):
+        super().__init__(model, tokenizer, cfg, cfg.grpo, scorer, reference, samples_per_prompt=cfg.grpo.group_size)
+
+    def iteration_update(self, roll: Rollout) -> dict[str, float]:
+        c, mask = self.c, roll.mask
+        with torch.no_grad():
+            old_logp, entropy = self.policy_logps(roll, with_entropy=True)
+            ref_logp = self.reference.logps(roll)
+            raw, scores = self.scores(roll)
+            advantages = rl.group_advantages(scores, self.k, scale=c.scale_advantages)[:, None] * mask
+            flat = (scores.view(-1, self.k).std(-1) == 0).float().mean()
+        totals = {"policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        updates = 0
+        for idx in self.minibatches(len(roll)):
+            mb, m = roll.select(idx), mask[idx]
+            logp, _ = self.policy_logps(mb)
+            pg_loss, stats = rl.policy_loss(logp, old_logp[idx], advantages[idx], m, c.clip)
+            kl = rl.masked_mean(rl.kl_k3(logp, ref_logp[idx]), m)
+            self.step(pg_loss + c.kl_coef * kl)
+            for key, value in (("policy_loss", pg_loss), ("kl", kl), ("clip_fraction", stats["clip_fraction"]),
+                               ("approx_kl", stats["approx_kl"])):
+                totals[key] += float(value.detach())
+            updates += 1
+        return {"reward": float(raw.mean()), "score": float(scores.mean()), "flat_groups": float(flat),
+                "entropy": float(rl.masked_mean(entropy, mask)), **{k: v / updates for k, v in totals.items()}}
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the grpo stage; return its metrics."""
+
+    def make_module(model, tokenizer, scorer, reference, adapter_config, load_copy):
+        return GRPOModule(model, tokenizer, cfg, scorer, reference)
+
+    return run_stage(cfg, "grpo", make_module, reward=cfg.grpo.reward)

@@ -1,0 +1,277 @@
+"""PPO and GRPO: the math by hand, the modules on a toy reward, the stages on the smoke chain (resume, gate)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import rl
+
+
+# ------------------------------------------------------------------------------------------ math by hand
+def test_gae_matches_a_hand_computed_example_and_stops_at_the_last_real_token():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 5.0]])   # 5.0 sits on padding: must be ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = rl.gae(rewards[:1], values[:1], mask[:1], gamma=1.0, lam=0.5)
+    # t2: 1 - 0.7 = 0.3; t1: (0.7 - 0.6) + 0.5 * 0.3 = 0.25; t0: (0.6 - 0.5) + 0.5 * 0.25 = 0.225
+    assert adv[0].tolist() == pytest.approx([0.225, 0.25, 0.3])
+    assert ret[0].tolist() == pytest.approx([0.725, 0.85, 1.0])
+    adv, ret = rl.gae(rewards[1:], values[1:], mask[1:], gamma=0.9, lam=0.95)
+    # t1: 2 + 0.9 * 0 - 1 = 1; t0: (0.9 * 1 - 1) + 0.9 * 0.95 * 1 = 0.755; padding: 0
+    assert adv[0].tolist() == pytest.approx([0.755, 1.0, 0.0])
+    assert ret[0].tolist() == pytest.approx([1.755, 2.0, 0.0])
+
+
+def test_clipped_policy_loss_takes_the_pessimistic_term():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.5]]))              # ratios 1.5, 0.5, 1.5
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = rl.policy_loss(logp, old, adv, torch.ones(1, 3), clip=0.2)
+    # max(-1.5, -1.2) = -1.2 (clipped); max(-0.5, -0.8) = -0.5; max(1.5, 1.2) = 1.5
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5) / 3)
+    assert stats["clip_fraction"].item() == pytest.approx(1 / 3)
+    # ratio 1 everywhere: the loss is -mean(A) and its gradient is -A per token
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = rl.policy_loss(logp, old, adv, torch.ones(1, 3), clip=0.2)
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1 / 3, -1 / 3, 1 / 3])
+
+
+def test_value_loss_clips_around_the_rollout_values():
+    loss, frac = rl.value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), clip=0.5)
+    assert loss.item() == pytest.approx(0.5 * (1.5 - 3.0) ** 2)        # the clipped value 1.5 is further: it counts
+    assert frac.item() == 1.0
+    loss, frac = rl.value_loss(torch.tensor([[1.2]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), clip=0.5)
+    assert loss.item() == pytest.approx(0.5 * 1.8 ** 2) and frac.item() == 0.0
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token_and_penalize_kl():
+    logp = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-2.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards, kl = rl.token_rewards(torch.tensor([5.0, 1.0]), logp, ref, mask, beta=0.5)
+    assert kl.tolist() == [[1.0, 0.0, 0.0], [0.0, -1.0, -2.0]]
+    assert rewards.tolist() == [[-0.5, 5.0, 0.0], [0.0, 0.5, 2.0]]
+
+
+def test_kl_controller_moves_beta_the_right_way_and_a_fixed_one_stays():
+    ctl = rl.KLController(0.1, target=1.0, horizon=100)
+    ctl.update(kl=3.0, n_samples=10)                                   # too far: beta up, by at most 20% x n/h
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    high = ctl.value
+    ctl.update(kl=0.5, n_samples=10)                                   # too close: beta down
+    assert ctl.value == pytest.approx(high * (1 - 0.2 * 10 / 100))
+    restored = rl.KLController(1.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored == ctl
+    fixed = rl.KLController(0.1)
+    fixed.update(kl=100.0, n_samples=1000)
+    assert fixed.value == 0.1
+
+
+def test_group_advantages_whitening_and_the_small_helpers():
+    adv = rl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), group_size=4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)                                # unbiased std of [1, 0, 0, 1]: sqrt(1/3)
+    assert adv.tolist() == pytest.approx([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0])   # a flat group gets 0
+    assert rl.group_advantages(torch.tensor([3.0, 1.0]), 2, scale=False).tolist() == [1.0, -1.0]
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 99.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = rl.whiten(x, mask)
+    assert rl.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert rl.masked_var(w, mask).item() == pytest.approx(1.0, abs=1e-4) and w[0, 3] == 0
+    assert rl.explained_variance(x, x, mask).item() == pytest.approx(1.0)
+    assert rl.kl_k3(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
+    assert (rl.kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+# ------------------------------------------------------------------------------------ toy reward, tiny model
+def digit_share(rows: list[dict], texts: list[str]) -> torch.Tensor:
+    """A toy reward: the share of digits in the response (about 1 in 10 tokens for a random tiny model)."""
+    return torch.tensor([sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts])
+
+
+def toy_module(tmp_path: Path, stage: str, **values):
+    """A tiny random Llama with LoRA, 40 prompts, and the stage's module on the toy reward."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose, save_tiny_model
+    from pipeline import adapters
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.online import PromptData, Reference
+
+    folder = save_tiny_model(tmp_path / "model", "llama")
+    tok, model = load_tokenizer(folder), load_causal_lm(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the 0.02 init: a near-uniform model barely moves under LoRA
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3)
+    cfg = compose(f"stage={stage}", "experiment=smoke")
+    for key, value in values.items():
+        OmegaConf.update(cfg, f"{stage}.{key}", value)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": f"Say {i}."}]}) + "\n"
+                               for i in range(40)))
+    data = PromptData(prompts, tok, cfg.seed, cfg[stage])
+    data.setup()
+    adapter_config = adapters.peft_config(cfg.peft, model)
+    model = adapters.apply(model, cfg.peft)
+    reference = Reference(model)
+    if stage == "ppo":
+        from stages.ppo import CRITIC, Critic, PPOModule, hidden_size
+
+        model.add_adapter(CRITIC, adapter_config)
+        model.set_requires_grad(list(model.peft_config), True)
+        module = PPOModule(model, tok, cfg, digit_share, reference, Critic(model, hidden_size(model), shared=True))
+    else:
+        from stages.grpo import GRPOModule
+
+        module = GRPOModule(model, tok, cfg, digit_share, reference)
+    return module, data, cfg[stage]
+
+
+def fit(module, data, c) -> list[dict]:
+    import lightning as L
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=c.iterations * module.updates_per_iteration, max_epochs=-1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    return [h for h in module.history if "train/reward" in h]
+
+
+# 32 sequences per iteration: with 16 the toy's signal (about one digit in ten tokens) drowned in sampling noise.
+TOY = dict(iterations=8, prompts_per_iteration=32, max_new_tokens=8, lr=3e-3, missing_eos_penalty=0.0, epochs=2,
+           minibatch_size=16, kl_coef=0.01)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_the_policy_learns_a_toy_reward_within_a_few_iterations_with_kl_bounded(tmp_path, stage):
+    extra = {"group_size": 4, "prompts_per_iteration": 8, "lr": 1e-3} if stage == "grpo" else {}
+    module, data, c = toy_module(tmp_path, stage, **{**TOY, **extra})
+    history = fit(module, data, c)
+    assert len(history) == c.iterations
+    rewards = [h["train/reward"] for h in history]
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert last > 1.5 * first and last > first + 0.06, rewards          # ~0.08-0.1 digits at first: clearly more
+    kl = [h["train/kl"] for h in history]                              # ppo: nats per response; grpo: per token
+    assert all(0 <= k < (20.0 if stage == "ppo" else 2.5) for k in kl[1:]), kl
+    if stage == "ppo":
+        assert all(0.0 <= h["train/clip_fraction"] <= 1.0 for h in history)
+        assert "train/explained_variance" in history[-1] and history[-1]["train/beta"] == pytest.approx(0.01)
+
+
+# -------------------------------------------------------------------------------------- stages, smoke chain
+@pytest.fixture(scope="module")
+def reward_chain(pairs_chain, tmp_path_factory) -> Path:
+    """The smoke chain through the reward stage (brevity pairs), shared read-only by this module."""
+    import os
+
+    from conftest import copy_chain, run_stage
+
+    workdir = copy_chain(pairs_chain, tmp_path_factory.mktemp("reward_chain"))
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        run_stage("reward")
+    finally:
+        os.chdir(old)
+    return workdir
+
+
+def test_ppo_stage_trains_saves_policy_and_critic_and_records_every_iteration(reward_chain, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import copy_chain, run_stage
+
+    work = copy_chain(reward_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    metrics = run_stage("ppo", values={"ppo.kl_target": 0.5})
+    for key in ("val/reward", "val/reward_before", "val/accuracy", "val/response_length", "train/reward", "train/kl",
+                "train/beta", "train/entropy", "train/clip_fraction", "train/value_loss", "train/explained_variance",
+                "train/response_length", "train/unfinished_rate"):
+        assert key in metrics and metrics[key] == metrics[key], key
+    out = work / "data" / "ppo"
+    AutoModelForCausalLM.from_pretrained(out)                            # a plain HF folder, merged
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "critic" / "adapter_config.json").exists()
+    head = load_file(str(out / "adapter" / "critic" / "value_head.safetensors"))
+    assert head["weight"].abs().sum() > 0                                  # the value head trained
+    history = json.loads((work / "data/plots/ppo/iterations.json").read_text())
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    betas = [h["train/beta"] for h in history]
+    assert betas[0] == 0.2 and betas[-1] != betas[0]                     # adaptive KL: beta moved towards the target
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["inputs"]) == {"prepare", "sft", "reward"}
+
+
+def test_ppo_refuses_a_reward_model_that_failed_its_gate(reward_chain, tmp_path, monkeypatch):
+    from conftest import copy_chain, run_stage
+    from pipeline.rewards import GateError
+
+    work = copy_chain(reward_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    gate = work / "data" / "reward" / "gate.json"
+    gate.write_text(json.dumps({"accuracy": 0.41, "min_accuracy": 0.6, "passed": False}))
+    with pytest.raises(GateError, match=r"failed its quality gate: held-out pairwise accuracy 0.410 < reward.min_accuracy 0.6"):
+        run_stage("ppo")
+    assert not (work / "data" / "ppo").exists()
+    with pytest.raises(GateError):
+        run_stage("grpo", "grpo.reward=model")
+
+
+def test_grpo_stage_with_verifiable_rewards(reward_chain, tmp_path, monkeypatch):
+    from conftest import copy_chain, run_stage
+
+    work = copy_chain(reward_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    metrics = run_stage("grpo")
+    assert 0 <= metrics["val/accuracy"] <= 1 and metrics["val/reward"] == metrics["val/reward"]
+    assert 0 <= metrics["train/flat_groups"] <= 1 and metrics["train/kl"] >= 0
+    run = json.loads((work / "data" / "grpo" / "run.json").read_text())
+    assert set(run["inputs"]) == {"prepare", "sft"}                      # the verifier needs no reward model
+
+
+def test_online_stages_refuse_bad_settings():
+    from conftest import compose
+    from pipeline.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'grpo.minibatch_size' = 99 exceeds"):
+        compose("stage=grpo", "experiment=smoke", "grpo.minibatch_size=99")
+    with pytest.raises(ConfigError, match="config key 'grpo.reward' = 'oracle' is not allowed"):
+        compose("stage=grpo", "grpo.reward=oracle")
+    with pytest.raises(ConfigError, match="config key 'ppo.critic' = 'twin' is not allowed"):
+        compose("stage=ppo", "ppo.critic=twin")
+
+
+def test_ppo_with_a_separate_critic_model_and_full_fine_tuning(reward_chain, tmp_path, monkeypatch):
+    from conftest import copy_chain, run_stage
+    from pipeline.schema import ConfigError
+
+    work = copy_chain(reward_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    with pytest.raises(ConfigError, match="config key 'ppo.critic' = adapter needs an adapter method"):
+        run_stage("ppo", "peft=none")
+    metrics = run_stage("ppo", "peft=none", "ppo.critic=model", "ppo.lr=1e-5")   # reference: a frozen copy
+    assert metrics["val/reward"] == metrics["val/reward"]
+    out = work / "data" / "ppo"
+    assert (out / "critic" / "value_head.safetensors").exists() and (out / "critic" / "model.safetensors").exists()
+    assert not (out / "adapter").exists()                                  # full fine-tuning: nothing to merge
+
+
+def test_one_task_instance_never_sits_on_both_sides_of_a_split():
+    from pipeline.preferences import holdout_key, split_pairs
+
+    pairs = [{"prompt_id": f"p{i}-{t}", "messages": [{"role": "user", "content": f"phrasing {t} of {i}"}],
+              "meta": {"key": f"next:n={i}"}, "chosen": "a", "rejected": "b"} for i in range(200) for t in range(3)]
+    train, val = split_pairs(pairs, 0.2, seed=1234)
+    assert 60 < len(val) < 180
+    assert not {holdout_key(p) for p in train} & {holdout_key(p) for p in val}
+    # rows without an instance key (user data) are split by prompt
+    assert holdout_key({"prompt_id": "x", "messages": []}) == "x"
