@@ -254,6 +254,9 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
+    # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which exports $MLFLOW_TRACKING_URI: restored on
+    # exit, so a later stage in the same process (a sweep job, a test) resolves its own store, not this one's.
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _experiment_id(client, cfg)
     parent = _parent_run(client, experiment_id)
@@ -273,6 +276,10 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
         client.set_terminated(current.run_id, status=status)
         if parent and not os.environ.get(PARENT_ENV):  # a sweep's or wrapper's parent is closed by its owner
             client.set_terminated(parent, status=status)
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
 def _log_config(client, run: StageRun, cfg: DictConfig) -> None:
