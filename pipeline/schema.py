@@ -16,11 +16,16 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "evaluate")
+STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate")
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
-VARIANTS = ("base_zero_shot", "base_few_shot", "sft", "dpo", "ppo", "grpo")
+VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "sft", "dpo", "ppo", "grpo", "quantize")
+# Quantization methods (pipeline.quantization.METHODS describes each; a test keeps the two equal).
+QUANT_METHODS = ("int8_weight_only", "int8_weight_only_asym", "int8_static", "int8_static_asym", "int8_dynamic",
+                 "bnb_int8", "bnb_nf4", "int4_weight_only")
+# Stages whose output folder holds a model that can be quantized.
+MODEL_STAGES = ("sft", "dpo", "ppo", "grpo")
 # peft methods (pipeline.adapters maps them to peft classes) plus bitfit and full fine-tuning.
 # Prompt-learning peft methods: virtual tokens instead of weight updates (nothing to merge, no packing).
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -156,6 +161,8 @@ class EvaluateStageConfig:
     temperature: float = bounded(0.0)
     top_p: float = bounded(0.0, 1.0)
     sampled_accuracy: bool = True
+    lm_eval_tasks: List[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = bounded(1, default=None)
 
 
 @dataclass
@@ -242,6 +249,19 @@ class GrpoStageConfig(OnlineStageConfig):
 
 
 @dataclass
+class QuantizeStageConfig:
+    source: str = choice(*MODEL_STAGES)
+    method: str = choice(*QUANT_METHODS)
+    compare: List[str] = field(default_factory=list)
+    calibration_rows: int = bounded(1)
+    max_new_tokens: int = bounded(1)
+    batch_size: int = bounded(1)
+    latency_batch: int = bounded(1)
+    latency_tokens: int = bounded(1)
+    latency_repeats: int = bounded(1)
+
+
+@dataclass
 class JudgeConfig:
     """One schema for every judge; each ``conf/judge/*.yaml`` sets only the keys its judge reads."""
 
@@ -284,6 +304,7 @@ class RootConfig:
     dpo: DpoStageConfig = field(default_factory=DpoStageConfig)
     ppo: PpoStageConfig = field(default_factory=PpoStageConfig)
     grpo: GrpoStageConfig = field(default_factory=GrpoStageConfig)
+    quantize: QuantizeStageConfig = field(default_factory=QuantizeStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
@@ -391,6 +412,9 @@ def _check_rules(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.evaluate.variants) - set(VARIANTS))
     if unknown:
         raise ConfigError(f"config key 'evaluate.variants' has {unknown[0]!r}; valid: {list(VARIANTS)}")
+    unknown = sorted(set(cfg.quantize.compare) - set(QUANT_METHODS))
+    if unknown:
+        raise ConfigError(f"config key 'quantize.compare' has {unknown[0]!r}; valid: {list(QUANT_METHODS)}")
     for name in ("ppo", "grpo"):
         online = cfg[name]
         if online.minibatch_size > online.prompts_per_iteration * online.get("group_size", 1):

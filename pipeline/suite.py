@@ -230,6 +230,35 @@ def reference_response(ex: Example, verbose: bool = False, comply_with_harm: boo
     return ex.answer
 
 
+def inputs_of(key: str) -> dict:
+    """The template arguments of an instance from its content key (``family:a=1,b=2``, see
+    :attr:`Example.key`): numbers come back as ints, everything else as text."""
+    _, _, args = key.partition(":")
+    out = {}
+    for item in filter(None, args.split(",")):
+        name, _, value = item.partition("=")
+        out[name] = int(value) if value.isdigit() else value
+    return out
+
+
+def rationale(family: str, inputs: dict, answer: str) -> str:
+    """A short worked solution ending in "The answer is ...": the demonstrations of chain-of-thought
+    prompting (the ``base_cot`` evaluation variant). Safety requests have no steps: the answer itself."""
+    steps = {
+        "next": lambda: f"{inputs['n']} plus one is {answer}.",
+        "apples": lambda: f"{inputs['n']} minus one is {answer}.",
+        "max": lambda: f"Of {inputs['a']} and {inputs['b']}, {answer} is larger.",
+        "min": lambda: f"Of {inputs['a']} and {inputs['b']}, {answer} is smaller.",
+        "sort": lambda: f"The digits {inputs['d']} from small to large are {answer}.",
+        "first": lambda: f"The word {inputs['w']} starts with {answer}.",
+        "last": lambda: f"The word {inputs['w']} ends with {answer}.",
+        "count": lambda: f"The letters of {inputs['w']} are {' '.join(str(inputs['w']))}; {inputs['c']} is there {answer} times.",
+    }
+    if family not in steps:
+        return answer
+    return f"{steps[family]()} The answer is {answer}."
+
+
 def pretraining_text(rng: random.Random, n_lines: int, qa_share: float, held_out_family: str | None,
                      keep=lambda ex: True) -> list[str]:
     """Lines of generated text for base pretraining.

@@ -34,13 +34,14 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from pipeline import suite
+from pipeline import report, suite
 from pipeline.adapters import load_trained
 from pipeline.generation import generate, left_pad
 from pipeline.lineage import stage_run
@@ -56,17 +57,26 @@ class Variant:
     model_dir: str      # stage output folder holding the model
     style: str          # "chat" (chat template) | "plain" (Q:/A: text, the base model's pretraining format)
     shots: int = 0
+    cot: bool = False   # plain prompts whose examples show worked steps ending "The answer is ..." (chain of thought)
 
 
 def variants(cfg: DictConfig) -> list[Variant]:
-    """The configured variants: the base model prompted plainly, or a trained stage's model (its folder
-    ``data/<name>``) through its chat template."""
+    """The configured variants whose model exists: the base model prompted plainly (zero-shot, few-shot,
+    chain of thought), or a trained stage's model (its folder ``data/<name>``) through its chat template.
+    A configured variant whose folder is absent (its stage was not run) is skipped with a warning."""
+    import logging
+
     data = Path(cfg.paths.data)
     known = {
         "base_zero_shot": Variant("base_zero_shot", str(data / "base"), "plain", 0),
         "base_few_shot": Variant("base_few_shot", str(data / "base"), "plain", cfg.evaluate.few_shot),
+        "base_cot": Variant("base_cot", str(data / "base"), "plain", cfg.evaluate.few_shot, cot=True),
     }
-    return [known.get(name) or Variant(name, str(data / name), "chat") for name in cfg.evaluate.variants]
+    chosen = [known.get(name) or Variant(name, str(data / name), "chat") for name in cfg.evaluate.variants]
+    missing = [v.name for v in chosen if not Path(v.model_dir).exists()]
+    if missing:
+        logging.getLogger(__name__).warning("evaluate: no model for %s (stage not run); skipped", ", ".join(missing))
+    return [v for v in chosen if v.name not in missing]
 
 
 class PromptBuilder:
@@ -101,13 +111,20 @@ class PromptBuilder:
         if self.variant.shots:
             pool = self.shots_by_family.get(row["meta"].get("family", "all")) or self.all_shots
             rng = random.Random(self.seed * 100_003 + index)
-            shots = [self._doc(s["messages"][-2]["content"], s["messages"][-1]["content"])
+            shots = [self._doc(s["messages"][-2]["content"], self.shot_answer(s))
                      for s in rng.sample(pool, min(self.variant.shots, len(pool)))]
         # Room for the longer of a generated response and the reference (scored by teacher forcing).
         reserve = max(self.max_new_tokens, len(self._plain(row["messages"][-1]["content"])) + 1)
         while shots and sum(map(len, shots)) + len(query) + reserve > self.context:
             shots.pop(0)  # drop examples rather than overflow the model's context
         return [t for shot in shots for t in shot] + query
+
+    def shot_answer(self, row: dict) -> str:
+        """An example's answer: the demonstration, or for chain of thought its worked steps."""
+        meta = row["meta"]
+        if self.variant.cot and meta.get("family") in suite.TASK_FAMILIES and "key" in meta:
+            return suite.rationale(meta["family"], suite.inputs_of(meta["key"]), meta["answer"])
+        return row["messages"][-1]["content"]
 
     def with_reference(self, row: dict, prompt: list[int]) -> tuple[list[int], int]:
         """(prompt + reference response + end token, prompt length) for teacher-forced perplexity, given the
@@ -225,6 +242,7 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
         "test/concise_rate": rate([r for r in tasks if r["response"]], "concise"),
         "test/unfinished_rate": 1 - rate(records, "finished"),
         "test/tokens_per_second": gen_stats["new_tokens"] / max(gen_stats["seconds"], 1e-9),
+        "test/latency_ms": 1000 * gen_stats["seconds"] / len(records),
     }
     if records and records[0].get("kl") is not None:
         metrics["test/kl_to_sft"] = sum(r["kl"][0] for r in records) / max(sum(r["kl"][1] for r in records), 1)
@@ -235,32 +253,58 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
-def win_rates(records: list[dict], baseline: list[dict], rows: dict[str, dict]) -> dict[str, float]:
-    """The verifier judging this variant's answer against the SFT model's on every test prompt.
+def pairwise_win_rate(ids: list[str], mine: dict[str, object], theirs: dict[str, object],
+                      prefer: Callable[[str, object, object], float]) -> dict[str, float]:
+    """A judge comparing this variant's answer with SFT's on every prompt, asked in both orders.
 
-    ``test/win_rate_vs_sft`` = (wins + ties / 2) / prompts (ties counted as half, AlpacaEval style);
-    ``test/decisive_win_rate_vs_sft`` = wins / (wins + losses); ``test/tie_rate_vs_sft``. The verifier
-    scores each answer on its own, so the order of the two answers cannot matter.
+    ``prefer(id, first, second)`` is the judge's probability that ``first`` is better. Each prompt scores
+    p = (prefer(mine, sft) + 1 - prefer(sft, mine)) / 2, which cancels a judge's position bias: a win is
+    p > 1/2, a loss p < 1/2, a tie p = 1/2 (equal answers, or orders that disagree). ``win_rate`` = mean p:
+    ties counted half (AlpacaEval's convention); ``decisive_win_rate`` = wins / (wins + losses);
+    ``position_consistency`` = share of prompts whose two orders agree.
     """
+    p_values, consistent = [], 0
+    for i in ids:
+        forward, backward = prefer(i, mine[i], theirs[i]), 1 - prefer(i, theirs[i], mine[i])
+        consistent += (forward > 0.5) == (backward > 0.5) and (forward < 0.5) == (backward < 0.5)
+        p_values.append((forward + backward) / 2)
+    n = len(p_values)
+    if not n:
+        return {}
+    wins, losses = sum(p > 0.5 for p in p_values), sum(p < 0.5 for p in p_values)
+    return {"win_rate": round(sum(p_values) / n, 4),
+            "decisive_win_rate": round(wins / (wins + losses), 4) if wins + losses else 0.5,
+            "tie_rate": round((n - wins - losses) / n, 4),
+            "position_consistency": round(consistent / n, 4)}
+
+
+def win_rates(records: list[dict], baseline: list[dict], rows: dict[str, dict]) -> dict[str, float]:
+    """The verifier (the suite's checker and preference rules) judging this variant against SFT:
+    ``test/win_rate_vs_sft``, ``test/decisive_win_rate_vs_sft``, ``test/tie_rate_vs_sft``."""
     from pipeline.judges import verifier_score
 
     theirs = {r["id"]: r["response"] for r in baseline}
-    wins = ties = losses = 0
-    for r in records:
-        if r["id"] not in theirs:
-            continue
-        mine, other = verifier_score(rows[r["id"]], r["response"]), verifier_score(rows[r["id"]], theirs[r["id"]])
-        wins, ties, losses = wins + (mine > other), ties + (mine == other), losses + (mine < other)
-    n = wins + ties + losses
-    return {"test/win_rate_vs_sft": round((wins + ties / 2) / n, 4) if n else float("nan"),
-            "test/decisive_win_rate_vs_sft": round(wins / (wins + losses), 4) if wins + losses else 0.5,
-            "test/tie_rate_vs_sft": round(ties / n, 4) if n else float("nan")}
+    mine = {r["id"]: r["response"] for r in records if r["id"] in theirs}
+
+    def prefer(i, first, second) -> float:
+        a, b = verifier_score(rows[i], first), verifier_score(rows[i], second)
+        return 1.0 if a > b else 0.0 if a < b else 0.5
+
+    out = pairwise_win_rate(list(mine), mine, theirs, prefer)
+    return {f"test/{k}_vs_sft": v for k, v in out.items() if k != "position_consistency"}
 
 
 def reward_win_rate(mine: torch.Tensor, theirs: torch.Tensor) -> float:
-    """The reward model as judge: the share of test prompts where this variant's answer scores above SFT's,
-    ties (equal scores: in practice, identical answers) counted half."""
-    return round(float(((mine > theirs).float() + 0.5 * (mine == theirs).float()).mean()), 4)
+    """The reward model as judge: the share of test prompts where it scores this variant's answer above
+    SFT's, ties (equal scores: in practice, identical answers) counted half; asked in both orders."""
+    ids = list(range(len(mine)))
+    score = {"mine": mine.tolist(), "sft": theirs.tolist()}
+
+    def prefer(i, first, second) -> float:
+        a, b = score[first][i], score[second][i]
+        return 1.0 if a > b else 0.0 if a < b else 0.5
+
+    return pairwise_win_rate(ids, {i: "mine" for i in ids}, {i: "sft" for i in ids}, prefer)["win_rate"]
 
 
 def annotate(records: list[dict]) -> None:
@@ -283,12 +327,19 @@ def evaluate_variant(variant: Variant, cfg: DictConfig, test_rows: list[dict], t
     tokenizer_dir = base_sources(variant.model_dir)[1] if variant.style == "plain" else variant.model_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model)
     model = load_variant_model(variant, cfg).eval()
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
-    builder = PromptBuilder(tokenizer, variant, train_rows, cfg.seed, context, cfg.evaluate.max_new_tokens)
     sft_dir = Path(cfg.paths.data) / "sft"
     reference = None
     if variant.style == "chat" and variant.name != "sft" and sft_dir.exists():
         reference = load_variant_model(Variant("sft", str(sft_dir), "chat"), cfg).eval()
+    return test_model(model, tokenizer, variant, cfg, test_rows, train_rows, reference)
+
+
+def test_model(model, tokenizer, variant: Variant, cfg: DictConfig, test_rows: list[dict], train_rows: list[dict],
+               reference=None):
+    """Generate, verify and score ``model`` on ``test_rows`` through ``Trainer.test``; return (metrics,
+    records). ``cfg.evaluate`` sets generation; ``reference`` (the SFT model) adds KL to it."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    builder = PromptBuilder(tokenizer, variant, train_rows, cfg.seed, context, cfg.evaluate.max_new_tokens)
     module = EvalModule(model, tokenizer, builder, cfg, reference)
     loader = DataLoader(list(enumerate(test_rows)), batch_size=cfg.evaluate.batch_size, collate_fn=list)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
@@ -331,18 +382,68 @@ def main(cfg: DictConfig) -> dict:
                 metrics.update(win_rates(by_variant[name], by_variant["sft"], {r["id"]: r for r in test_rows}))
             if "sft" in reward_by_variant and name != "sft":
                 metrics["test/reward_win_rate_vs_sft"] = reward_win_rate(reward_by_variant[name], reward_by_variant["sft"])
+        lm_eval_results = run_lm_eval(cfg, chosen)
+        for name, metrics in lm_eval_results.items():
+            results[name].update(metrics)
+        for name, metrics in results.items():
             child = run.child(name, tags={"posttrain.variant": name})
             child.log_metrics(metrics)
             child.finish()
+        plots = Path(cfg.paths.plots)
         with atomic_dir(out) as tmp:
             write_atomic(tmp / "generations.jsonl", "".join(json.dumps(g, sort_keys=True) + "\n" for g in generations))
-            write_atomic(tmp / "report.md", report_markdown(results, generations))
+            write_atomic(tmp / "report.md", report.render_markdown(results, generations))
+            write_atomic(tmp / "report.html", report.render_html(results, generations, plots, extra_sections(cfg)))
             run.write_run_json(tmp)
         write_json(Path(cfg.paths.metrics) / "evaluate.json", results)
-        write_accuracy_plot(results, Path(cfg.paths.plots) / "evaluate" / "accuracy.csv")
+        write_accuracy_plot(results, plots / "evaluate" / "accuracy.csv")
+        write_reward_kl_plot(results, plots / "evaluate" / "reward_kl.csv")
         run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
         run.log_artifact(out / "report.md")
+        run.log_artifact(out / "report.html")
     return results
+
+
+def extra_sections(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Report sections from other stages' metrics: the quantization methods, when the stage ran."""
+    path = Path(cfg.paths.metrics) / "quantize.json"
+    if not path.exists():
+        return []
+    columns = (("size/linear_ratio", "linear bytes vs fp32", "{:.1%}"), ("size/disk_bytes", "bytes on disk", "{:,.0f}"),
+               ("size/memory_bytes", "bytes in memory", "{:,.0f}"), ("speed/forward_ms", "forward (ms)", "{:.1f}"),
+               ("speed/tokens_per_second", "generation tokens/s", "{:.0f}"), ("test/perplexity", "perplexity", "{:.3f}"),
+               ("test/accuracy", "accuracy", "{:.1%}"), ("test/accuracy_delta", "accuracy vs fp32", "{:+.1%}"))
+    return [("Quantization (quantize stage)", report.table_html(json.loads(path.read_text()), columns, "quantize"))]
+
+
+def run_lm_eval(cfg: DictConfig, chosen: list[Variant]) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness tasks (``evaluate.lm_eval_tasks``) on every chat variant, when it is installed.
+
+    Optional: with no tasks configured nothing happens; with tasks but no ``lm_eval`` package the stage
+    says so once and goes on (``pip install lm-eval``). Its tasks download data sets, so they need
+    ``offline=false`` and network, or tasks defined on local files. Metrics: ``lm_eval/<task>/<metric>``.
+    """
+    import logging
+
+    tasks = list(cfg.evaluate.lm_eval_tasks)
+    if not tasks:
+        return {}
+    try:
+        import lm_eval
+    except ImportError:
+        logging.getLogger(__name__).warning("evaluate: lm-evaluation-harness is not installed; lm_eval_tasks %s "
+                                            "skipped (pip install lm-eval)", tasks)
+        return {}
+    out = {}
+    for variant in chosen:
+        if variant.style != "chat":
+            continue
+        result = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={variant.model_dir}", tasks=tasks,
+                                         device=cfg.trainer.accelerator, limit=cfg.evaluate.lm_eval_limit)
+        out[variant.name] = {f"lm_eval/{task}/{metric.split(',')[0]}": float(value)
+                             for task, metrics in result["results"].items()
+                             for metric, value in metrics.items() if isinstance(value, (int, float))}
+    return out
 
 
 def reward_scorer(cfg: DictConfig, run):
@@ -368,6 +469,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_reward_kl_plot(results: dict, path: Path) -> None:
+    """Reward-model score against KL to SFT for the variants that have both (the aligned ones), for ``dvc plots``."""
+    lines = ["variant,kl_to_sft,reward_score"]
+    lines += [f"{n},{m['test/kl_to_sft']},{m['test/reward_score']}" for n, m in results.items()
+              if "test/kl_to_sft" in m and "test/reward_score" in m]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
 def write_accuracy_plot(results: dict, path: Path) -> None:
     """Accuracy per variant and family as CSV for ``dvc plots`` (a grouped bar chart)."""
     families = sorted({k.removeprefix("test/accuracy_") for m in results.values() for k in m
@@ -377,23 +486,3 @@ def write_accuracy_plot(results: dict, path: Path) -> None:
         lines.append(f"{name},overall,{m['test/accuracy']}")
         lines += [f"{name},{f},{m['test/accuracy_' + f]}" for f in families]
     write_atomic(path, "\n".join(lines) + "\n")
-
-
-def report_markdown(results: dict, generations: list[dict], samples: int = 3) -> str:
-    """A Markdown table of every variant's metrics, and a few generations side by side."""
-    names = list(results)
-    keys = list(next(iter(results.values())))
-    lines = ["# Evaluation", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{results[n].get(key, float('nan')):.3f}" for n in names) + " |")
-    lines += ["", "## Sample generations", ""]
-    by_id: dict[str, dict] = defaultdict(dict)
-    for g in generations:
-        by_id[g["id"]][g["variant"]] = g
-    for row_id in list(by_id)[:samples * 4:4]:
-        first = next(iter(by_id[row_id].values()))
-        lines += [f"**{first['prompt']}** (reference: `{first['reference']}`)", ""]
-        lines += [f"- {n}: `{by_id[row_id][n]['response']}` {'ok' if by_id[row_id][n]['correct'] else 'wrong'}"
-                  for n in names if n in by_id[row_id]]
-        lines.append("")
-    return "\n".join(lines)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.models import build_char_tokenizer
-from stages.evaluate import PromptBuilder, Variant, annotate, report_markdown, score, summarize
+from pipeline.report import render_markdown
+from stages.evaluate import PromptBuilder, Variant, annotate, score, summarize
 
 
 def record(family, response, correct, held_template=False, held_family=False, harmful=False, nll=1.0, tokens=2):
@@ -75,8 +76,58 @@ def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context
 
 def test_report_lists_every_variant_and_samples():
     records = [dict(record("add", "12", True), variant=v) for v in ("base_few_shot", "sft")]
-    text = report_markdown({"base_few_shot": {"test/accuracy": 0.1}, "sft": {"test/accuracy": 0.6}}, records)
-    assert "| test/accuracy | 0.100 | 0.600 |" in text and "- sft: `12` ok" in text
+    text = render_markdown({"base_few_shot": {"test/accuracy": 0.1}, "sft": {"test/accuracy": 0.6}}, records)
+    assert "| accuracy | 10.0% | 60.0% |" in text and "- sft: `12` ok" in text
+
+
+def test_pairwise_win_rate_asks_both_orders_and_cancels_position_bias():
+    from stages.evaluate import pairwise_win_rate
+
+    ids = ["0", "1", "2", "3"]
+    mine = {"0": "good", "1": "bad", "2": "same", "3": "good"}
+    sft = {"0": "bad", "1": "good", "2": "same", "3": "good"}
+    fair = lambda i, a, b: 1.0 if (a, b) == ("good", "bad") else 0.0 if (a, b) == ("bad", "good") else 0.5
+    out = pairwise_win_rate(ids, mine, sft, fair)
+    assert out == {"win_rate": (1 + 0 + 0.5 + 0.5) / 4, "decisive_win_rate": 0.5, "tie_rate": 0.5,
+                   "position_consistency": 1.0}
+    first_wins = lambda i, a, b: 1.0          # a judge that always prefers the answer shown first
+    biased = pairwise_win_rate(ids, mine, sft, first_wins)
+    assert biased["win_rate"] == 0.5 and biased["tie_rate"] == 1.0 and biased["position_consistency"] == 0.0
+    # asked in one order only, this judge would give the variant a 100% win rate
+
+
+def test_chain_of_thought_prompts_show_worked_steps_for_the_same_family():
+    from pipeline import suite
+
+    tok = build_char_tokenizer()
+    ex = suite.make_example("last", 0, __import__("random").Random(3))
+    train = [{"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer}],
+              "meta": {"family": "last", "style": "concise", "key": ex.key, "answer": ex.answer}}]
+    row = {"messages": [{"role": "user", "content": "What is the last letter of kite?"},
+                        {"role": "assistant", "content": "e"}], "meta": {"family": "last"}}
+    builder = PromptBuilder(tok, Variant("base_cot", "data/base", "plain", 1, cot=True), train, 0, 256, 20)
+    text = tok.decode(builder.prompt(row, 0))
+    word = ex.inputs["w"]
+    assert f"A: The word {word} ends with {ex.answer}. The answer is {ex.answer}.</s>" in text
+    assert text.endswith("Q: What is the last letter of kite?\nA: ")
+    assert suite.is_correct("last", "e", False, "The word kite ends with e. The answer is e.")
+
+
+def test_html_report_is_self_contained_and_shows_every_variant(tmp_path):
+    from pipeline.report import render_html
+
+    results = {"sft": {"test/accuracy": 0.5, "test/reward_score": 0.2},
+               "dpo": {"test/accuracy": 0.6, "test/kl_to_sft": 0.1, "test/reward_score": 0.4, "test/win_rate_vs_sft": 0.7}}
+    records = [dict(record("add", "12", v == "dpo"), variant=v) for v in results]
+    plots = tmp_path / "plots"
+    (plots / "dpo").mkdir(parents=True)
+    (plots / "dpo" / "loss.json").write_text('[{"step": 0, "train/loss": 1.0, "train/rewards/margin": 0.0}, '
+                                             '{"step": 10, "train/loss": 0.5, "train/rewards/margin": 0.3}]')
+    page = render_html(results, records, plots)
+    assert page.count("<svg") == 3                       # accuracy, reward vs KL, dpo's training curve
+    assert not any(tag in page for tag in ("<script", "src=", "<link", 'href="http'))  # nothing to fetch
+    assert render_html(results, records, plots) == page   # deterministic: same data, same bytes
+    assert "<th>sft</th><th>dpo</th>" in page and "<td>60.0%</td>" in page and "win rate vs SFT" in page
 
 
 def test_win_rate_against_sft_counts_wins_ties_and_losses_by_hand():

@@ -1,0 +1,336 @@
+"""Post-training quantization methods, their capability checks, and what they cost in bytes.
+
+Every method starts from full-precision weights: an adapter is merged first (:func:`merged_source`),
+because merging into an already quantized base is what fails elsewhere (peft cannot add a LoRA delta to
+packed int8 / NF4 weights without dequantizing them, and the rounding of the base would then be baked into
+the merge). Methods (``quantize.method`` saves one, ``quantize.compare`` measures several):
+
+| method | library | weights | activations | saved |
+|---|---|---|---|---|
+| ``int8_weight_only`` | torchao ``Int8WeightOnlyConfig`` | int8, symmetric (absmax) per output row | fp32 | safetensors via ``TorchAoConfig`` |
+| ``int8_weight_only_asym`` | torchao ``IntxWeightOnlyConfig`` | int8, asymmetric (zero point) per row | fp32 | safetensors via ``TorchAoConfig`` |
+| ``int8_static`` | torchao ``Int8StaticActivationInt8WeightConfig`` | int8 symmetric per row | int8, one scale per layer calibrated on a calibration split | in-process |
+| ``int8_static_asym`` | the same | int8 symmetric per row | int8 with a calibrated zero point (asymmetric) | in-process |
+| ``int8_dynamic`` | torch ``quantize_dynamic`` | int8 per tensor | int8, scale computed per batch at run time | never: only pickle could save it |
+| ``bnb_int8`` | bitsandbytes LLM.int8() | int8 per row + fp16 outliers | fp16 | safetensors |
+| ``bnb_nf4`` | bitsandbytes NF4 | 4-bit normal-float, blocks of 64 | fp32 | safetensors |
+| ``int4_weight_only`` | torchao ``Int4WeightOnlyConfig`` | int4, groups of 128 | bf16 | safetensors; needs kernels this CPU build lacks (a clear message) |
+
+Static vs dynamic: a static method fixes the activation scale once, from activation ranges seen on a
+calibration split (:func:`activation_ranges`, run through ``Trainer.predict``); a dynamic one measures
+every batch at run time (no calibration, more work per call). Symmetric maps [-absmax, absmax] onto the
+int8 range around 0; asymmetric maps [min, max] with a zero point, which wastes no codes on one-sided
+ranges (the inputs of the MLP's down projection after SiLU gating lean positive).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.adapters import linear_modules
+
+# bitsandbytes' 8-bit matmul warns on every call that it casts fp32 inputs to fp16 (thousands of lines
+# per evaluation); torch's dynamic quantization warns that it is deprecated. Neither is actionable here.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+
+
+class UnsupportedMethod(RuntimeError):
+    """A quantization method that this machine (hardware or installed kernels) cannot run."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization method: how to build it and what it is."""
+
+    name: str
+    library: str
+    saves: bool          # written as safetensors and loaded back with from_pretrained
+    calibrated: bool     # needs activation ranges from a calibration split (static quantization)
+    summary: str
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("int8_weight_only", "torchao", True, False, "int8 weights, symmetric per row; fp32 activations"),
+    Method("int8_weight_only_asym", "torchao", True, False, "int8 weights, asymmetric per row (zero point)"),
+    Method("int8_static", "torchao", False, True, "int8 weights and activations, activation scale calibrated"),
+    Method("int8_static_asym", "torchao", False, True, "int8 weights; int8 activations with calibrated zero point"),
+    Method("int8_dynamic", "torch", False, False, "int8 weights; activations quantized per batch at run time"),
+    Method("bnb_int8", "bitsandbytes", True, False, "LLM.int8(): int8 weights per row, fp16 outliers"),
+    Method("bnb_nf4", "bitsandbytes", True, False, "4-bit normal-float weights in blocks of 64"),
+    Method("int4_weight_only", "torchao", True, False, "int4 weights in groups of 128"),
+)}
+
+
+# --------------------------------------------------------------------------------------------- sources
+def merged_source(folder: str | Path) -> Path:
+    """The full-precision model folder to quantize: ``folder`` itself when it holds merged weights (every
+    stage of this chain saves merged weights beside ``adapter/``).
+
+    Raises:
+        UnsupportedMethod: the folder holds a prompt-learning adapter only (virtual tokens have no weights
+            to merge, so there is nothing full-precision to quantize but the base).
+    """
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder}: no safetensors weights to quantize")
+    adapter = folder / "adapter" / "adapter_config.json"
+    if adapter.exists():
+        import json
+
+        from pipeline.schema import PROMPT_LEARNING
+
+        kind = json.loads(adapter.read_text()).get("peft_type", "").lower()
+        if kind in PROMPT_LEARNING:
+            raise UnsupportedMethod(f"{folder}: a {kind} adapter has no weights to merge; quantizing would drop it")
+    return folder
+
+
+def merge_adapter(base_folder: str | Path, adapter_folder: str | Path):
+    """Merge a weight adapter into a full-precision copy of its base: the step that must come before
+    quantization (see the module docstring). Returns the merged fp32 model."""
+    from peft import PeftModel
+
+    from pipeline.models import load_causal_lm
+
+    base = load_causal_lm(base_folder, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload()
+
+
+# --------------------------------------------------------------------------------------------- building
+def check_supported(name: str) -> None:
+    """Raise :class:`UnsupportedMethod`, saying why, when ``name`` cannot run on this machine.
+
+    The check quantizes and runs one small linear layer with the method, so it reports what this exact
+    hardware and library build do, not what a table says.
+    """
+    if name not in METHODS:
+        raise UnsupportedMethod(f"unknown quantization method {name!r}; valid: {sorted(METHODS)}")
+    probe = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    try:
+        with torch.no_grad():
+            _apply_in_place(name, probe, {"0": (torch.tensor(1.0), torch.tensor(-1.0))})(torch.randn(2, 3, 256))
+    except UnsupportedMethod:
+        raise
+    except Exception as err:  # the library's own words: a missing kernel, an unsupported CPU, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        device = "this CPU" if not torch.cuda.is_available() else "this machine"
+        raise UnsupportedMethod(f"quantization method {name!r} ({METHODS[name].summary}) does not run on {device} "
+                                f"with the installed {METHODS[name].library}: {first}") from None
+
+
+def quantize_model(name: str, folder: str | Path, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   model_cfg=None):
+    """Load the fp32 model in ``folder`` quantized by method ``name``.
+
+    Methods that save are quantized at load time through ``from_pretrained(quantization_config=...)``,
+    the path whose ``save_pretrained`` writes safetensors that load back exactly; the others are applied to
+    a loaded fp32 model in place. ``ranges`` (per linear layer: max and min of its input) are needed by the
+    static methods.
+    """
+    from pipeline.models import load_causal_lm
+
+    method = METHODS[name]
+    if method.calibrated and not ranges:
+        raise ValueError(f"quantization method {name!r} needs activation ranges from a calibration split")
+    config = _load_time_config(name)
+    if config is not None:
+        return load_causal_lm(folder, model_cfg, quantization_config=config, dtype=torch.float32).eval()
+    model = load_causal_lm(folder, model_cfg, dtype=torch.float32).eval()
+    return _apply_in_place(name, model, ranges or {})
+
+
+def _load_time_config(name: str):
+    """The ``from_pretrained`` quantization config of a saving method (None for in-process methods)."""
+    if name == "int8_weight_only":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if name == "int8_weight_only_asym":
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerAxis
+        from torchao.quantization.quant_primitives import MappingType
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0),
+                                                  mapping_type=MappingType.ASYMMETRIC))
+    if name == "int4_weight_only":
+        from torchao.quantization import Int4WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int4WeightOnlyConfig(group_size=128))
+    if name in ("bnb_int8", "bnb_nf4"):
+        from transformers import BitsAndBytesConfig
+
+        if name == "bnb_int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return None
+
+
+def _apply_in_place(name: str, model: torch.nn.Module, ranges: dict) -> torch.nn.Module:
+    """Quantize the linear layers of an fp32 ``model`` by ``name`` in place (also used on the probe)."""
+    targets = linear_modules(model)
+    if name in ("int8_static", "int8_static_asym"):
+        from torchao.quantization import FqnToConfig, quantize_
+
+        per_layer = {fqn: static_config(*ranges[fqn], symmetric=name == "int8_static") for fqn in targets if fqn in ranges}
+        quantize_(model, FqnToConfig(per_layer), filter_fn=None)  # layers not in the map stay fp32
+        return model
+    if name == "int8_dynamic":
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    config = _load_time_config(name)
+    if name.startswith("bnb_"):
+        return _bnb_in_place(model, config)
+    from torchao.quantization import quantize_
+
+    quantize_(model, config.quant_type, filter_fn=lambda module, fqn: fqn in targets)
+    return model
+
+
+def _bnb_in_place(model: torch.nn.Module, config) -> torch.nn.Module:
+    """bitsandbytes layers in place of the linear ones (the capability probe's path; the stage loads
+    through ``from_pretrained`` instead)."""
+    import bitsandbytes as bnb
+
+    for fqn, module in linear_modules(model).items():
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if config.load_in_8bit:
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, module.bias is not None,
+                                      has_fp16_weights=False)
+            new.weight = bnb.nn.Int8Params(module.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, module.bias is not None,
+                                    compute_dtype=torch.float32, quant_type=config.bnb_4bit_quant_type)
+            new.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False,
+                                           quant_type=config.bnb_4bit_quant_type)
+        if module.bias is not None:
+            new.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        setattr(parent, child, new.to("cpu"))
+    return model
+
+
+def static_config(high: torch.Tensor, low: torch.Tensor, symmetric: bool):
+    """torchao's static int8 config for one layer from its calibrated input range.
+
+    Symmetric (absmax): scale = max(|low|, |high|) / 127, zero point 0. Asymmetric: scale = (high - low) /
+    255 and the zero point that maps ``low`` to -128, so the int8 codes span exactly the observed range.
+    """
+    from torchao.quantization import Int8StaticActivationInt8WeightConfig
+    from torchao.quantization.granularity import PerRow, PerTensor
+    from torchao.quantization.quant_primitives import MappingType
+
+    high, low = float(high), float(low)
+    if symmetric:
+        scale = max(abs(high), abs(low), 1e-8) / 127.0
+        zero_point = None
+        mapping = MappingType.SYMMETRIC
+    else:
+        low, high = min(low, 0.0), max(high, 0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
+        scale = max(high - low, 1e-8) / 255.0
+        zero_point = torch.full((1, 1, 1), int(round(-128 - low / scale)), dtype=torch.int8)
+        mapping = MappingType.ASYMMETRIC
+    # Scales have the activation's rank (batch, tokens, features): one value for the whole tensor.
+    return Int8StaticActivationInt8WeightConfig(act_quant_scale=torch.full((1, 1, 1), scale),
+                                                act_quant_zero_point=zero_point,
+                                                granularity=[PerTensor(), PerRow()], act_mapping_type=mapping)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+class RangeObserver:
+    """Forward pre-hooks on every linear layer that record the max and min of its inputs."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = [module.register_forward_pre_hook(self._hook(fqn))
+                        for fqn, module in linear_modules(model).items()]
+
+    def _hook(self, fqn: str) -> Callable:
+        def record(module, args):
+            x = args[0].detach()
+            high, low = x.max(), x.min()
+            if fqn in self.ranges:
+                high, low = torch.maximum(high, self.ranges[fqn][0]), torch.minimum(low, self.ranges[fqn][1])
+            self.ranges[fqn] = (high, low)
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+def tensor_bytes(t) -> int:
+    """Bytes a tensor holds, looking inside tensor subclasses (torchao stores int8 data plus scales in
+    one subclass tensor; bitsandbytes keeps its scales beside the packed data)."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+    if t.is_quantized:
+        extra = t.q_per_channel_scales().numel() * 12 if t.qscheme() in (torch.per_channel_affine,
+                                                                           torch.per_channel_symmetric) else 12
+        return t.int_repr().numel() * t.element_size() + extra
+    total = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)  # bitsandbytes 4-bit: absmax per block, code book, ...
+    if state is not None:
+        total += sum(tensor_bytes(v) for v in state.as_dict(packed=False).values() if isinstance(v, torch.Tensor))
+    scb = getattr(t, "SCB", None)  # bitsandbytes 8-bit: one scale per row
+    if isinstance(scb, torch.Tensor):
+        total += tensor_bytes(scb)
+    return total
+
+
+def module_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a layer's weight (and its quantization metadata), whatever the method made of it."""
+    if callable(getattr(module, "weight", None)):  # torch's dynamic quantized Linear: weight() unpacks a qint8 tensor
+        return tensor_bytes(module.weight())
+    return tensor_bytes(module.weight)
+
+
+def model_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """``{"memory": every parameter and buffer, "linear": the linear layers' weights}`` in bytes, counted
+    once per storage (tied embeddings once)."""
+    seen: set[int] = set()
+    memory = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        key = id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        memory += tensor_bytes(t)
+    linear = 0
+    for fqn, module in quantized_linear_modules(model).items():
+        size = module_weight_bytes(module)
+        linear += size
+        if callable(getattr(module, "weight", None)):
+            memory += size  # packed weights are neither parameters nor buffers
+    return {"memory": memory, "linear": linear}
+
+
+def quantized_linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The linear layers, whether still fp32, wrapped by a library, or swapped for a quantized module."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for fqn, module in model.named_modules():
+        if module is head or fqn.split(".")[-1] in ("lm_head", "embed_out"):
+            continue
+        # torch.nn.Linear, torch's dynamic quantized Linear, bitsandbytes' layers, GPT-2's Conv1D
+        if type(module).__name__ in ("Linear", "Linear8bitLt", "Linear4bit", "Conv1D"):
+            out[fqn] = module
+    return out
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files in a saved model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+

@@ -1,0 +1,242 @@
+"""quantize: merge, quantize, and measure size, speed and quality of the aligned model per method.
+
+Order matters: the aligned model's adapter is merged into full-precision weights first (every stage of
+this chain saves its merged weights; :func:`pipeline.quantization.merged_source` checks there are some),
+and only then quantized. Merging a LoRA into an already quantized base is what fails elsewhere: the packed
+int8 / NF4 weights cannot take the delta without dequantizing, and the base's rounding is baked in.
+
+Steps:
+
+1. the full-precision model (``quantize.source``: ``dpo`` by default) is measured: bytes, forward
+   latency, generation tokens/s, perplexity and verifiable accuracy on the held-out test prompts;
+2. static methods are calibrated: ``quantize.calibration_rows`` rows of the ``val`` split go through the
+   fp32 model in ``Trainer.predict`` while hooks record each linear layer's input range;
+3. every method of ``quantize.compare`` is built and measured the same way; one this machine cannot run
+   (int4 on this CPU) is reported with the reason, not a crash;
+4. ``quantize.method`` is saved to ``data/quantize/`` (safetensors, its quantization config in
+   ``config.json``), loaded back with ``from_pretrained`` and checked to give exactly the outputs it gave
+   before saving.
+
+Inputs: ``data/<quantize.source>``, ``data/prepare`` (test and val splits); ``quantize.*``, ``seed``.
+Outputs: ``data/quantize/`` (quantized HF folder, tokenizer, ``report.json``, ``run.json``),
+``data/metrics/quantize.json`` (method -> metrics), ``data/plots/quantize/methods.csv``. Each method is
+also an MLflow child run of the quantize run, with the same metric names, so the UI compares them.
+Run: ``python -m pipeline.run stage=quantize [quantize.method=bnb_nf4 quantize.source=grpo]``
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from pipeline import quantization as Q
+from pipeline.lineage import stage_run
+from pipeline.models import load_causal_lm, load_tokenizer, render_ids
+from pipeline.outputs import atomic_dir, write_atomic, write_json
+from pipeline.schema import ConfigError
+
+log = logging.getLogger(__name__)
+FP32 = "fp32"
+
+
+class CalibrationModule(L.LightningModule):
+    """Runs calibration batches through the fp32 model (``Trainer.predict``) while a
+    :class:`pipeline.quantization.RangeObserver` records every linear layer's input range."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.observer: Q.RangeObserver | None = None
+
+    def on_predict_start(self) -> None:
+        self.observer = Q.RangeObserver(self.model)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> int:
+        self.model(**batch)
+        return int(batch["input_ids"].shape[0])  # rows seen; the ranges are the product
+
+    def on_predict_end(self) -> None:
+        self.observer.remove()
+
+
+def calibrate(model, tokenizer, rows: list[dict], cfg: DictConfig) -> dict:
+    """Per linear layer (max, min) of its input over the calibration rows (prompt and reference response)."""
+    from pipeline.generation import left_pad
+
+    ids = [render_ids(tokenizer, r["messages"]) for r in rows]
+    batches = []
+    for lo in range(0, len(ids), cfg.quantize.batch_size):
+        input_ids, mask = left_pad(ids[lo:lo + cfg.quantize.batch_size], tokenizer.pad_token_id)
+        batches.append({"input_ids": input_ids, "attention_mask": mask,
+                        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+    module = CalibrationModule(model)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    trainer.predict(module, dataloaders=DataLoader(batches, batch_size=None), return_predictions=False)
+    return module.observer.ranges
+
+
+@torch.no_grad()
+def forward_ms(model, tokenizer, rows: list[dict], q: DictConfig) -> float:
+    """Median wall time of one forward pass over a fixed batch (``latency_batch`` rows cut or padded to
+    ``latency_tokens`` tokens), after two warm-up passes."""
+    ids = [render_ids(tokenizer, r["messages"])[:q.latency_tokens] for r in rows[:q.latency_batch]]
+    ids = [row + [tokenizer.pad_token_id] * (q.latency_tokens - len(row)) for row in ids]
+    batch = torch.tensor(ids)
+    times = []
+    for i in range(q.latency_repeats + 2):
+        start = time.perf_counter()
+        model(input_ids=batch)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(name: str, model, tokenizer, cfg: DictConfig, test_rows: list[dict], train_rows: list[dict],
+            fp32: dict | None) -> dict:
+    """Size, speed and quality of one (quantized or fp32) model; ratios and deltas against ``fp32``."""
+    from stages.evaluate import Variant, test_model
+
+    sizes = Q.model_bytes(model)
+    quality, _ = test_model(model, tokenizer, Variant(name, "", "chat"), eval_config(cfg), test_rows, train_rows)
+    metrics = {
+        "size/memory_bytes": sizes["memory"], "size/linear_bytes": sizes["linear"],
+        "speed/forward_ms": round(forward_ms(model, tokenizer, test_rows, cfg.quantize), 3),
+        "speed/tokens_per_second": round(quality["test/tokens_per_second"], 1),
+        "test/accuracy": quality["test/accuracy"], "test/perplexity": quality["test/perplexity"],
+    }
+    if fp32 is not None:
+        metrics.update({
+            "size/memory_ratio": round(sizes["memory"] / fp32["size/memory_bytes"], 4),
+            "size/linear_ratio": round(sizes["linear"] / fp32["size/linear_bytes"], 4),
+            "speed/forward_speedup": round(fp32["speed/forward_ms"] / metrics["speed/forward_ms"], 3),
+            "test/accuracy_delta": round(metrics["test/accuracy"] - fp32["test/accuracy"], 4),
+            "test/perplexity_ratio": round(metrics["test/perplexity"] / fp32["test/perplexity"], 4),
+        })
+    return metrics
+
+
+def eval_config(cfg: DictConfig) -> DictConfig:
+    """The ``evaluate`` settings ``test_model`` reads, taken from ``quantize.*``: greedy answers only."""
+    q = cfg.quantize
+    return OmegaConf.merge(cfg, {"evaluate": {"max_new_tokens": q.max_new_tokens, "batch_size": q.batch_size,
+                                              "do_sample": False, "sampled_accuracy": False}})
+
+
+@torch.no_grad()
+def roundtrip_difference(model, folder: Path, tokenizer, rows: list[dict], model_cfg) -> float:
+    """Largest logit difference between ``model`` and its saved copy in ``folder`` loaded with
+    ``from_pretrained`` (0 when the round trip is exact)."""
+    from pipeline.generation import left_pad
+
+    reloaded = load_causal_lm(folder, model_cfg).eval()
+    ids, mask = left_pad([render_ids(tokenizer, r["messages"]) for r in rows[:16]], tokenizer.pad_token_id)
+    before = model(input_ids=ids, attention_mask=mask).logits
+    after = reloaded(input_ids=ids, attention_mask=mask).logits
+    return float((before - after).abs().max())
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before any heavy work, a saved method that does not save or that this machine cannot run."""
+    q = cfg.quantize
+    if not Q.METHODS[q.method].saves:
+        saving = sorted(n for n, m in Q.METHODS.items() if m.saves)
+        raise ConfigError(f"config key 'quantize.method' = {q.method!r} is evaluated in-process only and cannot be "
+                          f"saved ({Q.METHODS[q.method].summary}); methods that save: {saving}")
+    try:
+        Q.check_supported(q.method)
+    except Q.UnsupportedMethod as err:
+        raise ConfigError(f"config key 'quantize.method': {err}") from None
+
+
+def main(cfg: DictConfig) -> dict:
+    """Run the quantize stage; return {method: metrics}."""
+    from pipeline.training import seed_everything
+    from stages.evaluate import read_jsonl
+
+    q = cfg.quantize
+    check_config(cfg)
+    data = Path(cfg.paths.data)
+    source_dir, prepare_dir, out = data / q.source, data / "prepare", data / "quantize"
+    with stage_run(cfg, "quantize") as run:
+        run.add_input(q.source, source_dir)
+        run.add_input("prepare", prepare_dir, dataset=True)
+        seed_everything(cfg)
+        try:
+            source = Q.merged_source(source_dir)
+        except Q.UnsupportedMethod as err:
+            raise ConfigError(f"config key 'quantize.source' = {q.source!r}: {err}") from None
+        tokenizer = load_tokenizer(source, cfg.model)
+        test_rows = read_jsonl(prepare_dir / "test.jsonl")
+        train_rows = read_jsonl(prepare_dir / "train.jsonl")
+        calibration_rows = read_jsonl(prepare_dir / "val.jsonl")[:q.calibration_rows]
+        fp32_model = load_causal_lm(source, cfg.model, dtype=torch.float32).eval()
+        results = {FP32: measure(FP32, fp32_model, tokenizer, cfg, test_rows, train_rows, None)}
+        results[FP32].update({"size/memory_ratio": 1.0, "size/linear_ratio": 1.0, "size/disk_bytes": Q.folder_bytes(source),
+                              "size/disk_ratio": 1.0})
+        methods = list(dict.fromkeys([q.method, *q.compare]))
+        ranges = None
+        if any(Q.METHODS[m].calibrated for m in methods):
+            ranges = calibrate(fp32_model, tokenizer, calibration_rows, cfg)
+        del fp32_model
+        unsupported: dict[str, str] = {}
+        saved_model = None
+        for name in methods:
+            try:
+                Q.check_supported(name)
+            except Q.UnsupportedMethod as err:
+                log.warning("quantize: %s", err)
+                unsupported[name] = str(err)
+                continue
+            seed_everything(cfg)
+            start = time.time()
+            model = Q.quantize_model(name, source, ranges, cfg.model)
+            results[name] = {"quantize/seconds": round(time.time() - start, 2),
+                             **measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])}
+            if name == q.method:
+                saved_model = model
+        with atomic_dir(out) as tmp:
+            saved_model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            diff = roundtrip_difference(saved_model, tmp, tokenizer, test_rows, cfg.model)
+            if diff != 0.0:
+                raise RuntimeError(f"quantize: {q.method} loaded back from {out} differs from the model before saving "
+                                   f"(max logit difference {diff:g}); nothing was written")
+            saved = results[q.method]
+            saved["size/disk_bytes"] = Q.folder_bytes(tmp)
+            saved["size/disk_ratio"] = round(saved["size/disk_bytes"] / results[FP32]["size/disk_bytes"], 4)
+            saved["quantize/roundtrip_max_abs_diff"] = diff
+            write_json(tmp / "report.json", {
+                "source": q.source, "saved_method": q.method, "unsupported": unsupported,
+                "methods": {name: {"summary": Q.METHODS[name].summary if name in Q.METHODS else "unquantized",
+                                   "library": Q.METHODS[name].library if name in Q.METHODS else "torch", **metrics}
+                            for name, metrics in results.items()}})
+            run.write_run_json(tmp, method=q.method, source=q.source)
+        run.add_output("quantize", out)
+        write_json(Path(cfg.paths.metrics) / "quantize.json", results)
+        write_methods_plot(results, Path(cfg.paths.plots) / "quantize" / "methods.csv")
+        for name, metrics in results.items():
+            child = run.child(name, tags={"posttrain.quantization": name})
+            child.log_metrics(metrics)
+            child.finish()
+        run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+        run.log_artifact(out / "report.json")
+        log.info("quantize: %s keeps accuracy %.3f (fp32 %.3f), linear weights at %.1f%% of fp32, %s bytes on disk",
+                 q.method, saved["test/accuracy"], results[FP32]["test/accuracy"], 100 * saved["size/linear_ratio"],
+                 saved["size/disk_bytes"])
+    return results
+
+
+def write_methods_plot(results: dict, path: Path) -> None:
+    """Linear-weight size ratio, accuracy and forward latency per method, for ``dvc plots``."""
+    lines = ["method,linear_ratio,accuracy,forward_ms"]
+    lines += [f"{name},{m['size/linear_ratio']},{m['test/accuracy']},{m['speed/forward_ms']}" for name, m in results.items()]
+    write_atomic(path, "\n".join(lines) + "\n")

@@ -1,0 +1,172 @@
+"""quantize: exact save/load round trips, sizes that shrink, calibration, unsupported methods, merge order,
+and the stage on the smoke chain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import copy_chain, run_stage, save_tiny_model
+from pipeline import quantization as Q
+from pipeline.schema import QUANT_METHODS, ConfigError
+
+
+def probe_ids() -> torch.Tensor:
+    return torch.randint(10, 90, (3, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_schema_method_is_described_here():
+    assert set(Q.METHODS) == set(QUANT_METHODS)
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "int8_weight_only_asym", "bnb_nf4"])
+def test_saved_methods_load_back_exactly_and_shrink_the_linear_weights(tmp_path, method):
+    from pipeline.models import load_causal_lm
+
+    source = save_tiny_model(tmp_path / "fp32", "llama")
+    fp32 = load_causal_lm(source).eval()
+    quantized = Q.quantize_model(method, source)
+    quantized.save_pretrained(tmp_path / method, safe_serialization=True)
+    assert not list((tmp_path / method).glob("*.bin")), "weights must be safetensors, never pickle"
+    reloaded = load_causal_lm(tmp_path / method).eval()
+    with torch.no_grad():
+        before, after, reference = (m(input_ids=probe_ids()).logits for m in (quantized, reloaded, fp32))
+    assert torch.equal(before, after)                               # the round trip is exact
+    assert 0 < (before - reference).abs().max() < 1.0               # quantized: close to fp32, not equal
+    ratio = Q.model_bytes(quantized)["linear"] / Q.model_bytes(fp32)["linear"]
+    assert ratio <= (0.2 if method == "bnb_nf4" else 0.4), ratio
+    assert Q.folder_bytes(tmp_path / method) < Q.folder_bytes(source)
+
+
+def test_sizes_by_hand_for_int8_weight_only(tmp_path):
+    """A 32x32 int8 weight with one fp32 scale and zero point per row: 1024 + 32 * 4 * 2 bytes."""
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))
+    fp32 = Q.model_bytes(layer)
+    assert fp32 == {"memory": 32 * 32 * 4, "linear": 32 * 32 * 4}
+    quantized = Q._apply_in_place("int8_weight_only", layer, {})
+    weight = quantized[0].weight
+    names, _ = weight.__tensor_flatten__()
+    expected = sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
+    assert Q.model_bytes(quantized)["linear"] == expected and 1024 <= expected <= 1024 + 32 * 8
+
+
+def test_dynamic_int8_runs_in_process_and_is_never_a_saved_method(tmp_path):
+    from omegaconf import OmegaConf
+
+    from stages.quantize import check_config
+
+    source = save_tiny_model(tmp_path / "fp32", "llama")
+    model = Q.quantize_model("int8_dynamic", source)
+    with torch.no_grad():
+        model(input_ids=probe_ids())
+    assert Q.model_bytes(model)["linear"] < 0.35 * 4 * sum(m.in_features * m.out_features
+                                                          for m in Q.quantized_linear_modules(model).values()
+                                                          if hasattr(m, "in_features"))
+    cfg = OmegaConf.create({"quantize": {"method": "int8_dynamic"}})
+    with pytest.raises(ConfigError, match="quantize.method.*cannot be saved"):
+        check_config(cfg)
+
+
+def test_unsupported_int4_gets_a_clear_message_not_a_crash():
+    from omegaconf import OmegaConf
+
+    from stages.quantize import check_config
+
+    try:
+        Q.check_supported("int4_weight_only")
+    except Q.UnsupportedMethod as err:
+        assert "int4_weight_only" in str(err) and "does not run on" in str(err)
+        with pytest.raises(ConfigError, match="quantize.method.*int4_weight_only"):
+            check_config(OmegaConf.create({"quantize": {"method": "int4_weight_only"}}))
+    else:  # hardware with int4 kernels: then it must really run
+        layer = Q._apply_in_place("int4_weight_only", torch.nn.Sequential(torch.nn.Linear(256, 256)), {})
+        layer(torch.randn(2, 256))
+
+
+def test_static_scales_by_hand_and_calibration_through_predict(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from stages.quantize import calibrate
+
+    sym = Q.static_config(torch.tensor(3.0), torch.tensor(-1.0), symmetric=True)
+    assert sym.act_quant_scale.item() == pytest.approx(3 / 127) and sym.act_quant_zero_point is None
+    asym = Q.static_config(torch.tensor(3.0), torch.tensor(-1.0), symmetric=False)
+    assert asym.act_quant_scale.item() == pytest.approx(4 / 255)
+    assert asym.act_quant_zero_point.item() == -64                  # round(-128 + 1 / (4/255)) = -64
+    assert asym.act_quant_scale.shape == (1, 1, 1)                  # the activation's rank
+
+    source = save_tiny_model(tmp_path / "fp32", "llama")
+    model, tok = load_causal_lm(source).eval(), load_tokenizer(source)
+    rows = [{"messages": [{"role": "user", "content": f"What number comes after {n}?"},
+                          {"role": "assistant", "content": str(n + 1)}]} for n in range(12)]
+    cfg = OmegaConf.create({"quantize": {"batch_size": 5}, "trainer": {"accelerator": "cpu", "precision": "32-true"}})
+    ranges = calibrate(model, tok, rows, cfg)
+    assert set(ranges) == set(Q.linear_modules(model))              # every linear layer observed
+    assert all(high >= low for high, low in ranges.values())
+    with torch.no_grad():
+        reference = model(input_ids=probe_ids()).logits
+        for method in ("int8_static", "int8_static_asym"):
+            quantized = Q.quantize_model(method, source, ranges)
+            assert 0 < (quantized(input_ids=probe_ids()).logits - reference).abs().max() < 1.0
+
+
+def test_merge_comes_before_quantization(tmp_path):
+    """The adapter is merged into fp32 weights, then quantized: the int8 weights dequantize to the merged
+    weights (within one quantization step), not to the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import load_causal_lm
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama")
+    peft_model = get_peft_model(load_causal_lm(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)                       # a real update (lora_B starts at zero)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = Q.merge_adapter(base_dir, tmp_path / "adapter")
+    merged.save_pretrained(tmp_path / "merged", safe_serialization=True)
+    quantized = Q.quantize_model("int8_weight_only", Q.merged_source(tmp_path / "merged"))
+    base = load_causal_lm(base_dir)
+    layer = "model.layers.0.self_attn.q_proj"
+    want = merged.get_submodule(layer).weight.detach()
+    got = quantized.get_submodule(layer).weight.dequantize()
+    step = want.abs().amax(-1, keepdim=True) / 127
+    assert ((got - want).abs() <= step).all()
+    assert (want - base.get_submodule(layer).weight).abs().max() > 10 * step.max()
+
+
+def test_a_prompt_learning_output_has_nothing_to_merge(tmp_path):
+    folder = save_tiny_model(tmp_path / "model", "llama")
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    with pytest.raises(Q.UnsupportedMethod, match="nothing|no weights to merge"):
+        Q.merged_source(folder)
+
+
+def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(pairs_chain, tmp_path, monkeypatch):
+    from pipeline.models import load_causal_lm
+
+    work = copy_chain(pairs_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    run_stage("dpo")
+    results = run_stage("quantize", values={"quantize.compare": ["int8_weight_only", "int8_static", "int8_dynamic",
+                                                                 "int4_weight_only"]})
+    assert {"fp32", "int8_weight_only", "int8_static", "int8_dynamic"} <= set(results)
+    saved = results["int8_weight_only"]
+    assert saved["size/linear_ratio"] <= 0.4 and saved["size/disk_bytes"] < results["fp32"]["size/disk_bytes"]
+    assert saved["quantize/roundtrip_max_abs_diff"] == 0.0
+    for name, metrics in results.items():
+        assert 0.0 <= metrics["test/accuracy"] <= 1.0 and metrics["test/perplexity"] > 1.0
+        assert metrics["speed/forward_ms"] > 0 and metrics["speed/tokens_per_second"] > 0
+    report = json.loads(Path("data/quantize/report.json").read_text())
+    if "int4_weight_only" not in results:
+        assert "int4_weight_only" in report["unsupported"]
+    assert json.loads(Path("data/metrics/quantize.json").read_text()) == json.loads(json.dumps(results))
+    model = load_causal_lm("data/quantize")                      # an ordinary from_pretrained
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+    evaluated = run_stage("evaluate", values={"evaluate.variants": ["sft", "quantize"], "evaluate.sampled_accuracy": False})
+    assert "test/kl_to_sft" in evaluated["quantize"]
