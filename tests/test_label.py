@@ -1,0 +1,149 @@
+"""The labelling page: the store's rules, bad requests, and an end-to-end run in headless Chromium that
+labels with the keyboard, kills the server, restarts it, and imports exactly those labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_chain, run_stage, subprocess_env
+from pipeline.browser import browser_page, chromium_path
+from pipeline.label import LabelStore, load_pairs
+
+needs_chromium = pytest.mark.skipif(chromium_path() is None and not os.environ.get("CI"),
+                                    reason="no Chromium here (CI installs Debian's chromium and runs this)")
+
+
+def write_samples(path: Path) -> Path:
+    rows = [{"prompt_id": f"p{i}", "prompt": f"What number comes after {i}?", "meta": {},
+             "samples": [{"text": str(i + 1), "finished": True}, {"text": f"Let me think. The answer is {i + 1}.",
+                                                                   "finished": True},
+                         {"text": str(i + 1), "finished": True}, {"text": "unfinished", "finished": False}]}
+            for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_pairs_are_distinct_finished_responses_in_a_recorded_random_order(tmp_path):
+    pairs = load_pairs(write_samples(tmp_path / "samples.jsonl"))
+    assert len(pairs) == 5 and all(p.a != p.b and "unfinished" not in (p.a, p.b) for p in pairs)
+    assert {p.order for p in pairs} == {"ab", "ba"}                  # both orders occur (seeded)
+    assert load_pairs(tmp_path / "samples.jsonl") == pairs           # same seed, same pairs and order
+
+
+def test_bad_choices_and_unknown_pairs_change_nothing(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    store = LabelStore(labels, load_pairs(write_samples(tmp_path / "samples.jsonl")))
+    first = store.state("ana")["pair"]["pair_id"]
+    for pair_id, choice, who, message in ((first, "maybe", "ana", "choice"), ("nope", "a", "ana", "pair_id"),
+                                          (first, "a", " ", "annotator")):
+        with pytest.raises(ValueError, match=message):
+            store.add(pair_id, choice, who)
+    assert not labels.exists() and store.state("ana")["done"] == 0
+    store.add(first, "tie", "ana", reason="same number")
+    row = json.loads(labels.read_text())
+    assert row["choice"] == "tie" and row["reason"] == "same number" and row["pair_id"] == first
+    assert store.state("ana")["done"] == 1 and store.state("bo")["done"] == 0   # per annotator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cwd: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.label", "--port", str(port)], cwd=cwd,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state?annotator=probe", timeout=1)
+            return proc
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                raise AssertionError(f"label server exited: {proc.stdout.read()}")
+            time.sleep(0.1)
+    raise AssertionError("label server did not start")
+
+
+def post(port: int, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/label", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_label_with_the_keyboard_kill_restart_resume_and_import(pairs_chain, tmp_path, monkeypatch):
+    work = copy_chain(pairs_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    labels = work / "data" / "labels" / "human.jsonl"
+    labels.unlink(missing_ok=True)
+    port = free_port()
+    server = start_server(work, port)
+    try:
+        assert server.args[-1] == str(port)
+        with browser_page() as page:
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#name", "ana")
+            page.press("#name", "Enter")
+            page.wait_for_selector("#progress:has-text('0 / ')")
+            total = int(page.text_content("#progress").split("/")[1].split()[0])
+            assert total >= 4
+            shown = []
+            for key, done in (("1", 1), ("b", 2), ("3", 3)):
+                shown.append((page.text_content("#a-text"), page.text_content("#b-text")))
+                page.keyboard.press(key)
+                page.wait_for_selector(f"#progress:has-text('{done} / {total}')")
+            page.fill("#reason", "shorter is better")
+            page.press("#reason", "Escape")
+            before_kill = (page.text_content("#a-text"), page.text_content("#b-text"))
+            page.screenshot(path=str(tmp_path / "label.png"))
+        status, body = post(port, {"pair_id": "not-a-pair", "choice": "a", "annotator": "ana"})
+        assert status == 400 and "pair_id" in body["error"]
+        status, body = post(port, {"pair_id": "x", "choice": "better", "annotator": "ana"})
+        assert status == 400 and "choice" in body["error"]
+    finally:
+        server.send_signal(signal.SIGKILL)                          # no clean shutdown
+        server.wait()
+    written = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert [r["choice"] for r in written] == ["a", "b", "tie"] and {r["annotator"] for r in written} == {"ana"}
+    assert [(r["response_a"], r["response_b"]) for r in written] == shown
+
+    server = start_server(work, port)
+    try:
+        with browser_page() as page:
+            page.add_init_script("localStorage.setItem('posttrain.annotator', 'ana')")
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector(f"#progress:has-text('3 / {total}')")   # resumes after the three labels
+            assert (page.text_content("#a-text"), page.text_content("#b-text")) == before_kill
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    assert (tmp_path / "label.png").stat().st_size > 5_000
+
+    collected_before = [json.loads(l) for l in Path("data/collect/pairs.jsonl").read_text().splitlines()]
+    metrics = run_stage("collect", "judge=human")
+    assert metrics["judge/labels"] == 3 and metrics["judge/unmatched_pairs"] == 0
+    pairs = [json.loads(l) for l in Path("data/collect/pairs.jsonl").read_text().splitlines()]
+    expected = set()
+    for r in written:
+        if r["choice"] in ("a", "b"):
+            win, lose = (r["response_a"], r["response_b"]) if r["choice"] == "a" else (r["response_b"], r["response_a"])
+            expected.add((r["prompt_id"], win, lose))
+    assert {(p["prompt_id"], p["chosen"], p["rejected"]) for p in pairs} == expected
+    assert all(p["judge"] == "human" for p in pairs) and collected_before != pairs
