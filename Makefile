@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (see README.md):
-#   make pipeline   install everything, then run the whole default chain with `dvc repro`
+#   make pipeline   install everything, then run the whole default chain with `dvc repro` (inside one MLflow
+#                   parent run that ends up holding dvc.lock: python -m pipeline.repro)
 #   make test       install everything, then run the test suite
 # Both create .venv on first use. torch is installed first, pinned to the CPU build, so no
 # dependency can pull a multi-GB CUDA build.
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 pipeline: install
-	dvc repro
+	python -m pipeline.repro
 
 test: install
 	python -m pytest

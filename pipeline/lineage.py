@@ -268,6 +268,8 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     current = StageRun(client, run.info.run_id, parent, uri, stage, cfg)
     _log_config(client, current, cfg)
+    if parent:  # the pipeline run carries the lock this stage started from (pipeline.repro adds the final one)
+        log_dvc_lock(client, parent, os.environ.get("DVC_ROOT", "."))
     status = "FAILED"
     try:
         yield current
@@ -292,3 +294,100 @@ def _log_config(client, run: StageRun, cfg: DictConfig) -> None:
     client.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     env_tags = [RunTag(f"env.{k}", v) for k, v in environment().items()]
     client.log_batch(run.run_id, tags=env_tags + [RunTag("env.argv", " ".join(sys.argv)[:5000])])
+
+
+# -------------------------------------------------------------------------------------------- the view
+def resolve_run_id(client, what: str, data_dir: str | Path = "data", experiment: str = "posttrain") -> str:
+    """A run id from a run id or a stage name: the run that produced the stage's current output (its
+    ``run.json``), else that stage's latest run in the store."""
+    run_json = Path(data_dir) / what / RUN_JSON
+    if run_json.exists():
+        return read_json(run_json)["run_id"]
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`posttrain.stage` = '{what}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            return found[0].info.run_id
+    try:
+        return client.get_run(what).info.run_id
+    except Exception:
+        raise ValueError(f"{what!r} is neither a run id in the store nor a stage with a run") from None
+
+
+def upstream_chain(client, run_id: str, depth: int = 0, seen: set[str] | None = None) -> list[dict]:
+    """The run and, depth first, every run upstream of it: one dict per run with its stage, status, git
+    commit, input digests, upstream run ids and its own stage's config."""
+    seen = set() if seen is None else seen
+    run = client.get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    stage = tags.get("posttrain.stage", "?")
+    node = {
+        "depth": depth, "run_id": run_id, "stage": stage, "status": run.info.status,
+        "git_commit": tags.get("mlflow.source.git.commit", "?"), "git_dirty": tags.get("git.dirty", "?"),
+        "parent_run_id": tags.get("mlflow.parentRunId"),
+        "inputs": {k[len("input."):-len(".digest")]: v for k, v in tags.items() if k.startswith("input.") and k.endswith(".digest")},
+        "upstream": {k[len("upstream."):-len(".run_id")]: v for k, v in tags.items() if k.startswith("upstream.")},
+        "config": {k: v for k, v in sorted(params.items()) if k.split(".")[0] in (stage, "seed", "peft", "judge")},
+    }
+    out = [node]
+    if run_id in seen:
+        return out
+    seen.add(run_id)
+    for name, upstream_id in sorted(node["upstream"].items()):
+        try:
+            out += upstream_chain(client, upstream_id, depth + 1, seen)
+        except Exception:  # an upstream run from another store: show the id only
+            out.append({"depth": depth + 1, "run_id": upstream_id, "stage": name, "missing": True})
+    return out
+
+
+def format_chain(chain: list[dict], show_config: bool = True) -> str:
+    lines = []
+    for node in chain:
+        pad = "  " * node["depth"] + ("└─ " if node["depth"] else "")
+        if node.get("missing"):
+            lines.append(f"{pad}{node['stage']}  run {node['run_id']}  (not in this store)")
+            continue
+        dirty = " (dirty)" if node["git_dirty"] == "True" else ""
+        lines.append(f"{pad}{node['stage']}  run {node['run_id']}  {node['status']}  git {node['git_commit'][:10]}{dirty}")
+        inner = "  " * node["depth"] + ("   " if node["depth"] else "") + "   "
+        for name, value in node["inputs"].items():
+            lines.append(f"{inner}input {name}: sha256 {value[:16]}  from run {node['upstream'].get(name, '-')}")
+        if show_config and node["config"]:
+            lines.append(f"{inner}config: " + ", ".join(f"{k}={v}" for k, v in node["config"].items()))
+    return "\n".join(lines)
+
+
+def log_dvc_lock(client, run_id: str, root: str | Path = ".") -> None:
+    """Attach the repo's ``dvc.lock`` (the hashes of every stage's code, params and outputs) to a run."""
+    lock = Path(root) / "dvc.lock"
+    if lock.exists():
+        client.log_text(run_id, lock.read_text(), "dvc.lock")
+
+
+def main() -> None:
+    """``python -m pipeline.lineage <run id | stage> [--store URI] [--no-config]``: print the chain of
+    upstream runs with their data digests, git commits and configs."""
+    import argparse
+
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("run", help="an MLflow run id, or a stage name (the run behind data/<stage>/run.json)")
+    parser.add_argument("--store", help="tracking URI (default: as the stages resolve it)")
+    parser.add_argument("--data", default="data", help="the stages' output root")
+    parser.add_argument("--no-config", action="store_true", help="omit each run's stage config")
+    args = parser.parse_args()
+    uri = args.store or tracking_uri(OmegaConf.create({"logger": {"tracking_uri": None}}))
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run_id = resolve_run_id(client, args.run, args.data)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    print(format_chain(upstream_chain(client, run_id), show_config=not args.no_config))
+
+
+if __name__ == "__main__":
+    main()

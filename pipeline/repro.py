@@ -1,0 +1,49 @@
+"""``dvc repro`` inside one MLflow parent run that ends up carrying ``dvc.lock``.
+
+    python -m pipeline.repro [dvc repro arguments]     # what `make pipeline` runs
+
+Every stage of a plain ``dvc repro`` already becomes a child of one parent run (found through the
+launching ``dvc`` process, see :mod:`pipeline.lineage`); each stage attaches the ``dvc.lock`` it started
+from. Only a wrapper sees the lock DVC writes after the last stage, so this one opens the parent run,
+passes it to the stages (``POSTTRAIN_PARENT_RUN_ID``), runs ``dvc repro`` with the given arguments,
+then attaches the final ``dvc.lock`` and ``dvc metrics show --json`` and closes the parent FINISHED or
+FAILED with DVC's exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pipeline  # noqa: F401  (telemetry off)
+from pipeline.lineage import PARENT_ENV, git_state, log_dvc_lock, tracking_uri
+
+
+def main() -> None:
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load("params.yaml") if os.path.exists("params.yaml") else OmegaConf.create(
+        {"logger": {"tracking_uri": None, "experiment": "posttrain", "artifact_root": "mlruns/artifacts"}})
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    from pipeline.lineage import _experiment_id
+
+    commit, dirty = git_state()
+    parent = client.create_run(_experiment_id(client, cfg), run_name="dvc-repro", tags={
+        "posttrain.kind": "pipeline", "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
+        "posttrain.command": " ".join(["dvc", "repro", *sys.argv[1:]])}).info.run_id
+    env = {**os.environ, PARENT_ENV: parent}
+    code = subprocess.call(["dvc", "repro", *sys.argv[1:]], env=env)
+    log_dvc_lock(client, parent)
+    metrics = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True)
+    if metrics.returncode == 0 and metrics.stdout.strip():
+        client.log_text(parent, metrics.stdout, "dvc_metrics.json")
+    client.set_terminated(parent, status="FINISHED" if code == 0 else "FAILED")
+    print(f"MLflow parent run {parent} ({'FINISHED' if code == 0 else 'FAILED'}): "
+          f"python -m pipeline.lineage evaluate  |  mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
