@@ -35,6 +35,9 @@ class StepBatches(IterableDataset):
     Batch ``k`` takes positions ``k*b .. k*b+b-1`` of an endless stream made of one seeded permutation
     of the items per epoch. Because the stream depends only on the index, restarting at
     ``start = optimizer_step * accumulation`` resumes the data position exactly.
+
+    Under data-parallel training (``trainer=ddp_cpu``, ``ddp``) process ``r`` of ``w`` takes stream batch
+    ``k*w + r`` at its step ``k``: the processes see disjoint batches, and the effective batch is w x b.
     """
 
     def __init__(self, num_items: int, batch_size: int, total: int, seed: int, collate: Callable[[list[int]], dict]):
@@ -59,11 +62,21 @@ class StepBatches(IterableDataset):
         return cache[1]
 
     def __iter__(self):
+        rank, world = rank_and_world()
         for k in range(self.start, self.total):
-            yield self.collate(self.indices(k))
+            yield self.collate(self.indices(k * world + rank))
 
     def __len__(self) -> int:
         return self.total - self.start
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process in a torch.distributed group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def batches_loader(dataset: IterableDataset) -> DataLoader:

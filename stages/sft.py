@@ -212,7 +212,8 @@ def main(cfg: DictConfig) -> dict:
             "train/seconds": round(train_seconds, 1),
             "train/trainable_parameters": trainable,
             "train/trainable_share": trainable / total,
-            "train/epochs": round(steps_tokens * cfg.sft.batch_size / max(len(data.train_items), 1), 2),
+            "train/epochs": round(steps_tokens * cfg.sft.batch_size * trainer.world_size / max(len(data.train_items), 1), 2),
+            "train/world_size": trainer.world_size,  # data-parallel processes (trainer.devices with ddp)
         }
         if initial is not None:
             metrics["val/perplexity_before"] = math.exp(initial)
