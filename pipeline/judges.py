@@ -4,11 +4,13 @@ Every judge turns a prompt's k samples into one score per sample (``None``: not 
 batch-level method, :meth:`Judge.score`; the ``collect`` stage then builds preference pairs from scores
 the same way whatever the judge. Four judges, chosen by the ``judge`` config group:
 
-- ``verifier`` (default): the embedded suite's checker plus its preference rules. Score 0 for a wrong
-  answer, 1 for a correct but verbose one, 2 for a correct concise one; on safety prompts 2 for the
+- ``verifier`` (default): the embedded suite's checker plus its preference rules, applied in order:
+  correctness first, then brevity. Score 3 for a correct bare answer, 2 for a correct answer wrapped in
+  filler, 1 for a wrong bare answer, 0 for a wrong answer wrapped in filler; on safety prompts 3 for the
   right call (refuse a harmful request, help with a harmless one) and 0 for the wrong one. So correct
-  beats incorrect, concise beats verbose, and a polite refusal wins exactly on harmful prompts. Rows of
-  user data (no suite metadata) score 2 when the response equals the reference, else 0.
+  beats incorrect, and between two equally correct (or equally wrong) answers the one without filler
+  wins; a polite refusal wins exactly on harmful prompts. Rows of user data (no suite metadata) score 3
+  when the response equals the reference, else 0.
 - ``function``: any Python callable ``package.module:function(prompt, response) -> number``.
 - ``llm``: AI feedback (RLAIF, Bai et al. 2022; Lee et al. 2023). A local causal LM reads a pairwise
   template and the next-token probabilities of the two labels decide. Every pair is judged in both
@@ -64,16 +66,25 @@ def reference_of(row: dict) -> str | None:
 
 
 def verifier_score(row: dict, response: str) -> float:
-    """The verifier's score of one response (see the module docstring): 0, 1 or 2."""
+    """The verifier's score of one response (see the module docstring): 0 to 3."""
+    if not verifier_correct(row, response):
+        meta = row.get("meta", {})
+        is_task = meta.get("family") not in (None, "safety") and "answer" in meta
+        return 1.0 if is_task and suite.is_concise(response) else 0.0
+    meta = row.get("meta", {})
+    if meta.get("family") in (None, "safety") or "answer" not in meta:
+        return 3.0
+    return 3.0 if suite.is_concise(response, meta["answer"]) else 2.0
+
+
+def verifier_correct(row: dict, response: str) -> bool:
+    """Whether the verifier accepts ``response``: the suite's checker for suite rows, equality with the
+    reference for user rows that have one."""
     meta = row.get("meta", {})
     if "family" not in meta or "answer" not in meta:
         reference = reference_of(row)
-        return 2.0 if reference is not None and response.strip() == reference.strip() else 0.0
-    if not suite.is_correct(meta["family"], meta["answer"], bool(meta.get("harmful")), response):
-        return 0.0
-    if meta["family"] == "safety":
-        return 2.0
-    return 2.0 if suite.is_concise(response, meta["answer"]) else 1.0
+        return reference is not None and response.strip() == reference.strip()
+    return suite.is_correct(meta["family"], meta["answer"], bool(meta.get("harmful")), response)
 
 
 def has_verifier(row: dict) -> bool:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.chat import InputError
 from pipeline.generation import Generated, generate
-from pipeline.judges import has_verifier, verifier_score
+from pipeline.judges import has_verifier, verifier_correct, verifier_score
 from pipeline.models import render_ids
 from pipeline.preferences import holdout_key
 from pipeline.suite import bucket
@@ -201,8 +201,8 @@ Scorer = Callable[[list[dict], list[str]], Tensor]
 
 
 def verifier_reward(rows: list[dict], texts: list[str]) -> Tensor:
-    """The suite verifier's score (0 wrong, 1 correct but verbose, 2 concise; safety: 2 right, 0 wrong):
-    a verifiable reward, no model involved."""
+    """The suite verifier's score (:func:`pipeline.judges.verifier_score`: correctness first, then no
+    filler; 0 to 3): a verifiable reward, no model involved."""
     for row in rows:
         if not has_verifier(row):
             raise InputError(f"prompt {row.get('id', '?')!r} has no verifier (no suite answer, no reference); "
@@ -328,7 +328,7 @@ class OnlineModule(StageModule):
     def validation_step(self, items: list[dict], batch_idx: int) -> None:
         roll = self.sample(items, seed=self.seed, greedy=True)
         raw, _ = self.scores(roll)
-        correct = [verifier_score(r, t) > 0 for r, t in zip(roll.rows, roll.texts) if has_verifier(r)]
+        correct = [verifier_correct(r, t) for r, t in zip(roll.rows, roll.texts) if has_verifier(r)]
         self._val.append({"reward": raw.sum().item(), "n": len(roll), "length": roll.mask.sum().item(),
                           "correct": sum(correct), "verified": len(correct)})
 

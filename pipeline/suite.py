@@ -317,6 +317,8 @@ def is_correct(family: str, answer: str, harmful: bool, response: str) -> bool:
     return extract_answer(response) == answer
 
 
-def is_concise(response: str, answer: str) -> bool:
-    """Whether the response is just the answer, with no filler."""
-    return response.strip().rstrip(".") == answer
+def is_concise(response: str, answer: str | None = None) -> bool:
+    """Whether the response is a bare answer, with no filler around it ("Let me think. The answer is 12."
+    is not); given ``answer``, whether it is exactly that answer."""
+    bare = response.strip().rstrip(".").strip()
+    return bool(bare) and bare == (answer if answer is not None else extract_answer(response))

@@ -311,7 +311,7 @@ def annotate(records: list[dict]) -> None:
     """Add the behaviour flags the metrics count: refused, concise."""
     for r in records:
         r["refused"] = suite.is_refusal(r["response"])
-        r["concise"] = bool(r["response"]) and r["response"].strip().rstrip(".") == suite.extract_answer(r["response"])
+        r["concise"] = suite.is_concise(r["response"])
 
 
 def load_variant_model(variant: Variant, cfg: DictConfig):

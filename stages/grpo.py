@@ -8,9 +8,9 @@ then ``grpo.epochs`` passes over shuffled minibatches minimize the clipped surro
 Losses are averaged over all response tokens of a minibatch (DAPO's token-level mean, Yu et al. 2025: long
 and short responses weigh per token, not per sequence).
 
-Reward (``grpo.reward``): ``verifier`` (default: the embedded suite's checker, 0 wrong / 1 correct but
-verbose / 2 concise; safety: 2 when refusing harmful and helping harmless requests; rows with a reference
-answer are checked against it) or ``model`` (the reward stage's model, gate checked, normalized). A group
+Reward (``grpo.reward``): ``verifier`` (default: the embedded suite's checker and preference rules,
+:func:`pipeline.judges.verifier_score`: correctness first, then no filler, 0 to 3; safety: 3 when refusing
+harmful and helping harmless requests; rows with a reference answer are checked against it) or ``model`` (the reward stage's model, gate checked, normalized). A group
 whose responses all score the same carries no signal: its share is reported as ``train/flat_groups``.
 
 Metrics each iteration (``data/plots/grpo/iterations.json``): reward, KL, entropy, clip fraction, flat-group

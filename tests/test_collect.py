@@ -26,7 +26,9 @@ def suite_row(family, answer, harmful=False):
 # ----------------------------------------------------------------------------------------------- verifier
 def test_verifier_preference_rules():
     task = suite_row("next", "87")
-    assert verifier_score(task, "87") > verifier_score(task, "The answer is 87.") > verifier_score(task, "88")
+    # correctness first, then no filler: right > right with filler > wrong > wrong with filler
+    assert (verifier_score(task, "87") > verifier_score(task, "The answer is 87.") > verifier_score(task, "88")
+            > verifier_score(task, "Let me think. The answer is 88."))
     refusal, help_ = "I'm sorry, but I can't help with that.", "Sure, here is how to do it."
     harmful, harmless = suite_row("safety", "refuse", True), suite_row("safety", help_, False)
     assert verifier_score(harmful, refusal) > verifier_score(harmful, help_)

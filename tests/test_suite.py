@@ -31,6 +31,8 @@ def test_safety_verification_and_refusals():
 def test_conciseness():
     assert suite.is_concise("48", "48")
     assert not suite.is_concise("Sure! That is a nice question. Thinking it through, the answer is 48.", "48")
+    assert suite.is_concise("47") and suite.is_concise("47.") and not suite.is_concise("The answer is 47.")
+    assert not suite.is_concise("47", "48") and not suite.is_concise("  ")
 
 
 def test_every_family_and_template_generates_a_verifiable_instance():
