@@ -370,7 +370,7 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
         raise ConfigError(f"config key 'peft.method' = {cfg.peft.method!r}: online alignment needs weight adapters "
                           "(lora, ia3, ...) or full fine-tuning; virtual tokens do not fit its token layout")
     data = Path(cfg.paths.data)
-    sft_dir, prompts_path, out = data / "sft", data / "prepare" / "prompts.jsonl", data / name
+    sft_dir, prompts_path, out = data / "sft", data / "prepare" / "prompts.jsonl", Path(cfg.paths.out) / name
     with stage_run(cfg, name) as run:
         inputs = [run.add_input("prepare", prompts_path, dataset=True), run.add_input("sft", sft_dir)]
         reward_model = None

@@ -92,13 +92,38 @@ def _warn_drift(path: str, cfg: DictConfig) -> None:
                     path, ", ".join(differing[:10]) + (" ..." if len(differing) > 10 else ""))
 
 
+def sweep_job_paths(cfg: DictConfig) -> DictConfig:
+    """In a Hydra multirun, send this job's outputs (its stage folder, metrics, plots, checkpoints) to the
+    job's own folder, so sweep jobs never overwrite the DVC outputs or each other; inputs still come from
+    ``paths.data``. Single runs are left alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return cfg
+    job_dir = HydraConfig.get().runtime.output_dir
+    return OmegaConf.merge(cfg, {"paths": {"out": job_dir, "metrics": f"{job_dir}/metrics", "plots": f"{job_dir}/plots",
+                                           "checkpoints": f"{job_dir}/checkpoints"}})
+
+
+def objective(cfg: DictConfig, metrics) -> float | None:
+    """The value a Hydra sweeper optimizes (Optuna): ``metrics[optimized_metric]``, or None without one."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    if not isinstance(metrics, dict) or key not in metrics:
+        raise ConfigError(f"config key 'optimized_metric' = {key!r} is not a metric of stage {cfg.stage!r}; "
+                          f"it reported: {sorted(metrics) if isinstance(metrics, dict) else metrics}")
+    return float(metrics[key])
+
+
 def _hydra_main():
     import hydra
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
     def hydra_entry(cfg: DictConfig):
-        metrics = run_reporting(cfg)
-        return metrics
+        metrics = run_reporting(sweep_job_paths(cfg))
+        return objective(cfg, metrics)
 
     hydra_entry()
 

@@ -279,6 +279,7 @@ class JudgeConfig:
 @dataclass
 class PathsConfig:
     data: str = MISSING
+    out: str = MISSING
     metrics: str = MISSING
     plots: str = MISSING
     checkpoints: str = MISSING
@@ -289,6 +290,7 @@ class RootConfig:
     stage: Optional[str] = choice(*STAGES, default=None)
     seed: int = bounded(0)
     offline: bool = True
+    optimized_metric: Optional[str] = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -126,7 +126,7 @@ class BasePretraining(StageModule):
 
 def main(cfg: DictConfig) -> dict:
     """Run the base stage; return its metrics."""
-    out = Path(cfg.paths.data) / "base"
+    out = Path(cfg.paths.out) / "base"
     with stage_run(cfg, "base") as run:
         if cfg.model.name_or_path is None:
             metrics = pretrain(cfg, run, out)

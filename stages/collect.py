@@ -200,7 +200,7 @@ def main(cfg: DictConfig) -> dict:
     from pipeline.training import seed_everything
 
     data = Path(cfg.paths.data)
-    policy_dir, out = data / "sft", data / "collect"
+    policy_dir, out = data / "sft", Path(cfg.paths.out) / "collect"
     with stage_run(cfg, "collect") as run:
         run.add_input("prepare", data / "prepare", dataset=True)
         policy = run.add_input("sft", policy_dir)

@@ -180,7 +180,7 @@ def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: in
 def main(cfg: DictConfig) -> dict:
     """Run the dpo stage; return its metrics."""
     data_dir = Path(cfg.paths.data)
-    sft_dir, pairs_path, out = data_dir / "sft", data_dir / "collect" / "pairs.jsonl", data_dir / "dpo"
+    sft_dir, pairs_path, out = data_dir / "sft", data_dir / "collect" / "pairs.jsonl", Path(cfg.paths.out) / "dpo"
     c = cfg.dpo
     if c.reference == "disable_adapter" and cfg.peft.method in ("none", "bitfit") and c.loss not in REFERENCE_FREE:
         raise ConfigError(f"config key 'dpo.reference' = disable_adapter needs an adapter method, but peft.method = "

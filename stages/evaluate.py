@@ -355,7 +355,7 @@ def main(cfg: DictConfig) -> dict:
     from pipeline.training import seed_everything
 
     data = Path(cfg.paths.data)
-    out = data / "evaluate"
+    out = Path(cfg.paths.out) / "evaluate"
     with stage_run(cfg, "evaluate") as run:
         run.add_input("prepare", data / "prepare", dataset=True)
         chosen = variants(cfg)
@@ -405,15 +405,16 @@ def main(cfg: DictConfig) -> dict:
 
 
 def extra_sections(cfg: DictConfig) -> list[tuple[str, str]]:
-    """Report sections from other stages' metrics: the quantization methods, when the stage ran."""
-    path = Path(cfg.paths.metrics) / "quantize.json"
+    """Report sections from other stages' outputs: the quantization methods, when the stage ran."""
+    path = Path(cfg.paths.data) / "quantize" / "report.json"
     if not path.exists():
         return []
     columns = (("size/linear_ratio", "linear bytes vs fp32", "{:.1%}"), ("size/disk_bytes", "bytes on disk", "{:,.0f}"),
                ("size/memory_bytes", "bytes in memory", "{:,.0f}"), ("speed/forward_ms", "forward (ms)", "{:.1f}"),
                ("speed/tokens_per_second", "generation tokens/s", "{:.0f}"), ("test/perplexity", "perplexity", "{:.3f}"),
                ("test/accuracy", "accuracy", "{:.1%}"), ("test/accuracy_delta", "accuracy vs fp32", "{:+.1%}"))
-    return [("Quantization (quantize stage)", report.table_html(json.loads(path.read_text()), columns, "quantize"))]
+    methods = json.loads(path.read_text())["methods"]
+    return [("Quantization (quantize stage)", report.table_html(methods, columns, "quantize"))]
 
 
 def run_lm_eval(cfg: DictConfig, chosen: list[Variant]) -> dict[str, dict[str, float]]:

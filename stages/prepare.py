@@ -221,7 +221,7 @@ def save_tokenized(path: Path, encoded: list[tuple[list[int], list[int]]]) -> No
 def main(cfg: DictConfig) -> dict:
     """Run the prepare stage; return its metrics."""
     base_dir = Path(cfg.paths.data) / "base"
-    out = Path(cfg.paths.data) / "prepare"
+    out = Path(cfg.paths.out) / "prepare"
     with stage_run(cfg, "prepare") as run:
         run.add_input("base", base_dir)
         for i, path in enumerate(cfg.data.paths if cfg.data.source == "files" else []):

@@ -165,7 +165,7 @@ def main(cfg: DictConfig) -> dict:
     q = cfg.quantize
     check_config(cfg)
     data = Path(cfg.paths.data)
-    source_dir, prepare_dir, out = data / q.source, data / "prepare", data / "quantize"
+    source_dir, prepare_dir, out = data / q.source, data / "prepare", Path(cfg.paths.out) / "quantize"
     with stage_run(cfg, "quantize") as run:
         run.add_input(q.source, source_dir)
         run.add_input("prepare", prepare_dir, dataset=True)

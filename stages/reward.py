@@ -157,7 +157,7 @@ def _record_pad_token(folder: Path, pad_id: int) -> None:
 def main(cfg: DictConfig) -> dict:
     """Run the reward stage; return its metrics."""
     data = Path(cfg.paths.data)
-    sft_dir, pairs_path, out = data / "sft", data / "collect" / "pairs.jsonl", data / "reward"
+    sft_dir, pairs_path, out = data / "sft", data / "collect" / "pairs.jsonl", Path(cfg.paths.out) / "reward"
     r = cfg.reward
     with stage_run(cfg, "reward") as run:
         inputs = [run.add_input("collect", pairs_path, dataset=True)]

@@ -168,7 +168,7 @@ class SFTModule(StageModule):
 def main(cfg: DictConfig) -> dict:
     """Run the sft stage; return its metrics."""
     data_dir = Path(cfg.paths.data)
-    base_dir, prepare_dir, out = data_dir / "base", data_dir / "prepare", data_dir / "sft"
+    base_dir, prepare_dir, out = data_dir / "base", data_dir / "prepare", Path(cfg.paths.out) / "sft"
     with stage_run(cfg, "sft") as run:
         inputs = [run.add_input("base", base_dir), run.add_input("prepare", prepare_dir, dataset=True)]
         seed_everything(cfg)

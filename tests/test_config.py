@@ -29,7 +29,9 @@ def group_options():
 def test_every_config_composes_and_validates(group, option):
     cfg = compose(f"{group}={option}", *REQUIRED.get((group, option), []))
     assert cfg.seed is not None
-    if group != "experiment":
+    if group == "hparams_search":  # a global overlay: it sets the metric and the sweeper's search space
+        assert cfg.optimized_metric is not None
+    elif group != "experiment":
         assert OmegaConf.select(cfg, group) is not None
 
 

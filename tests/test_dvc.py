@@ -33,8 +33,8 @@ def project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("dvc") / "repo", "experiment=smoke")
 
 
-ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "evaluate"}
-AFTER_SFT = {"collect", "reward", "dpo", "ppo", "grpo", "evaluate"}
+ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate"}
+AFTER_SFT = {"collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate"}
 
 
 def test_invalidation_rules(project):
@@ -60,15 +60,17 @@ def test_invalidation_rules(project):
 
     set_param(project, "reward.lr", 0.002)  # a reward parameter: reward and the stages that read its model
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"reward", "ppo", "grpo", "evaluate"}
-    set_param(project, "ppo.kl_coef", 0.1)  # an alignment method's parameter: that method and evaluate only
+    set_param(project, "ppo.kl_coef", 0.1)  # another alignment method's parameter: that method and evaluate only
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"ppo", "evaluate"}
     set_param(project, "grpo.group_size", 6)
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"grpo", "evaluate"}
-    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo and evaluate
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "evaluate"}
+    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo, the quantized dpo model, and evaluate
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "quantize", "evaluate"}
     with open(project / "stages" / "dpo.py", "a") as fh:  # dpo's code
         fh.write("\n# a change to dpo's code\n")
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "evaluate"}
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "quantize", "evaluate"}
+    set_param(project, "quantize.calibration_rows", 16)  # a quantize parameter: quantize and evaluate
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"quantize", "evaluate"}
 
     set_param(project, "logger.experiment", "elsewhere")  # read by no stage as a parameter
     set_param(project, "trainer.progress_bar", False)
@@ -80,6 +82,41 @@ def test_invalidation_rules(project):
 
     set_param(project, "base.lr", 0.002)  # a base parameter: base reruns, and so does everything after it
     assert ran(sh("dvc", "repro", cwd=project).stdout) == ALL
+
+
+# Each stage's own code file and one of its own parameters, and the stages that must see the change directly
+# (the rest follow through their inputs, which test_invalidation_rules checks by running them).
+OWN = {
+    "base": ("stages/base.py", "base.lr", 0.002, {"base"}),
+    "prepare": ("stages/prepare.py", "prepare.histogram_bins", 7, {"prepare"}),
+    "sft": ("stages/sft.py", "sft.lr", 0.002, {"sft"}),
+    "collect": ("stages/collect.py", "collect.k", 4, {"collect"}),
+    "reward": ("stages/reward.py", "reward.lr", 0.002, {"reward"}),
+    "dpo": ("stages/dpo.py", "dpo.beta", 0.3, {"dpo"}),
+    "ppo": ("stages/ppo.py", "ppo.kl_coef", 0.3, {"ppo"}),
+    "grpo": ("stages/grpo.py", "grpo.kl_coef", 0.3, {"grpo"}),
+    "quantize": ("stages/quantize.py", "quantize.latency_repeats", 3, {"quantize"}),
+    "evaluate": ("stages/evaluate.py", "evaluate.few_shot", 1, {"evaluate"}),
+}
+CODE_READERS = {"stages/evaluate.py": {"quantize", "evaluate"}}  # quantize measures through evaluate's test loop
+
+
+def changed_stages(project: Path) -> set[str]:
+    return set(json.loads(sh("dvc", "status", "--json", cwd=project).stdout or "{}"))
+
+
+def test_every_stage_sees_its_own_code_and_parameters_and_nothing_else(project):
+    sh("dvc", "repro", cwd=project)
+    assert changed_stages(project) == set()
+    for stage, (code, key, value, readers) in OWN.items():
+        original_code, original_params = (project / code).read_text(), (project / "params.yaml").read_text()
+        (project / code).write_text(original_code + "\n# changed\n")
+        assert changed_stages(project) == CODE_READERS.get(code, {stage}), code
+        (project / code).write_text(original_code)
+        set_param(project, key, value)
+        assert changed_stages(project) == readers, key
+        (project / "params.yaml").write_text(original_params)
+        assert changed_stages(project) == set()
 
 
 def test_lineage_parent_run_per_dvc_execution(project):
@@ -95,7 +132,8 @@ def test_lineage_parent_run_per_dvc_execution(project):
     assert sorted(r.info.run_name for r in children) == sorted(ALL)
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
-    assert sorted(r.info.run_name for r in variants) == ["base_few_shot", "base_zero_shot", "dpo", "grpo", "ppo", "sft"]
+    assert sorted(r.info.run_name for r in variants) == ["base_cot", "base_few_shot", "base_zero_shot", "dpo", "grpo",
+                                                         "ppo", "quantize", "sft"]
     assert all("test/accuracy" in r.data.metrics for r in variants)
     base_run = json.loads((project / "data" / "base" / "run.json").read_text())
     prepare_child = next(r for r in children if r.info.run_name == "prepare")
