@@ -201,13 +201,24 @@ Scorer = Callable[[list[dict], list[str]], Tensor]
 
 
 def verifier_reward(rows: list[dict], texts: list[str]) -> Tensor:
-    """The suite verifier's score (:func:`pipeline.judges.verifier_score`: correctness first, then no
-    filler; 0 to 3): a verifiable reward, no model involved."""
+    """Verifiable reward: 1 when the suite's verifier accepts the answer (right answer; the right call on a
+    safety request; the reference for user rows), else 0. No model involved, nothing to exploit but the task."""
+    _check_verifiable(rows)
+    return torch.tensor([float(verifier_correct(r, t)) for r, t in zip(rows, texts)])
+
+
+def preference_reward(rows: list[dict], texts: list[str]) -> Tensor:
+    """The verifier's full preference score (:func:`pipeline.judges.verifier_score`: correctness first, then
+    no filler; 0 to 3): the judge ``collect`` uses, as a reward."""
+    _check_verifiable(rows)
+    return torch.tensor([verifier_score(r, t) for r, t in zip(rows, texts)], dtype=torch.float)
+
+
+def _check_verifiable(rows: list[dict]) -> None:
     for row in rows:
         if not has_verifier(row):
             raise InputError(f"prompt {row.get('id', '?')!r} has no verifier (no suite answer, no reference); "
                              "use reward=model for data without references")
-    return torch.tensor([verifier_score(r, t) for r, t in zip(rows, texts)], dtype=torch.float)
 
 
 def model_reward(reward_model, batch_size: int = 64) -> Scorer:
@@ -228,6 +239,9 @@ def model_reward(reward_model, batch_size: int = 64) -> Scorer:
         return reward_model.normalize(torch.cat(out))
 
     return score
+
+
+SCORERS = {"verifier": verifier_reward, "preference": preference_reward}
 
 
 # ------------------------------------------------------------------------------------------------ module
@@ -351,7 +365,8 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
     """Run an online alignment stage ``name`` (``ppo``, ``grpo``) end to end; return its metrics.
 
     ``make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)`` builds the stage's
-    module; ``reward`` is ``model`` (the reward stage's model, gate checked first) or ``verifier``.
+    module; ``reward`` is ``model`` (the reward stage's model, gate checked first), ``verifier`` (pass/fail)
+    or ``preference`` (the verifier's 0-3 preference score).
     """
     import logging
     import time
@@ -394,7 +409,7 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
         adapter_config = adapters.peft_config(cfg.peft, model) if has_adapters else None
         model = adapters.apply(model, cfg.peft)
         reference = Reference(model, None if has_adapters else load_copy(), temperature=c.temperature)
-        scorer = model_reward(reward_model) if reward_model is not None else verifier_reward
+        scorer = model_reward(reward_model) if reward_model is not None else SCORERS[reward]
         datamodule = PromptData(prompts_path, tokenizer, cfg.seed, c)
         datamodule.setup()
         module = make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)

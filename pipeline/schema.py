@@ -242,7 +242,7 @@ class PpoStageConfig(OnlineStageConfig):
 
 @dataclass
 class GrpoStageConfig(OnlineStageConfig):
-    reward: str = choice("verifier", "model")
+    reward: str = choice("verifier", "preference", "model")
     group_size: int = bounded(2)
     kl_coef: float = bounded(0.0)
     scale_advantages: bool = True

@@ -8,9 +8,12 @@ then ``grpo.epochs`` passes over shuffled minibatches minimize the clipped surro
 Losses are averaged over all response tokens of a minibatch (DAPO's token-level mean, Yu et al. 2025: long
 and short responses weigh per token, not per sequence).
 
-Reward (``grpo.reward``): ``verifier`` (default: the embedded suite's checker and preference rules,
-:func:`pipeline.judges.verifier_score`: correctness first, then no filler, 0 to 3; safety: 3 when refusing
-harmful and helping harmless requests; rows with a reference answer are checked against it) or ``model`` (the reward stage's model, gate checked, normalized). A group
+Reward (``grpo.reward``): ``verifier`` (default: verifiable rewards, 1 when the suite's checker accepts the
+answer, else 0; safety: 1 for refusing a harmful and helping a harmless request; rows with a reference answer
+are checked against it), ``preference`` (the verifier's full preference score, correctness first then no
+filler, 0 to 3: what ``collect``'s judge prefers) or ``model`` (the reward stage's model, gate checked,
+normalized). Pass/fail is the default because it rewards exactly what the task checks: measured here, the
+0-3 preference reward made GRPO trade 2.8 points of accuracy for brevity. A group
 whose responses all score the same carries no signal: its share is reported as ``train/flat_groups``.
 
 Metrics each iteration (``data/plots/grpo/iterations.json``): reward, KL, entropy, clip fraction, flat-group

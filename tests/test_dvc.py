@@ -156,6 +156,28 @@ def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
     assert "data/metrics/prepare.json" in diff
 
 
+def test_queued_sweep_runs_each_experiment_and_plots_diff_works(project):
+    sh("dvc", "repro", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "baseline for the queue", cwd=project)
+    sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "dpo.beta=0.05,0.2", cwd=project)
+    queued = sh("dvc", "queue", "status", cwd=project).stdout
+    assert queued.count("Queued") == 2
+    out = sh("dvc", "exp", "run", "--run-all", cwd=project)
+    assert out.returncode == 0
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout)
+    betas = set()
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                params = rev.get("data", {}).get("params", {}).get("params.yaml", {}).get("data", {})
+                if params:
+                    betas.add(params["dpo"]["beta"])
+    assert {0.05, 0.2} <= betas
+    diff = sh("dvc", "plots", "diff", "--json", cwd=project).stdout
+    assert "data/plots/dpo/loss.json" in diff or "dpo" in diff
+
+
 UPSTREAM = {"sft": "prepare", "reward": "collect", "dpo": "collect", "ppo": "reward", "grpo": "reward"}
 
 
