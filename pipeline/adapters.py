@@ -119,6 +119,15 @@ def apply(model: torch.nn.Module, cfg: DictConfig, task_type: str = "CAUSAL_LM")
     return get_peft_model(model, peft_config(cfg, model, task_type))
 
 
+def stage_peft(cfg: DictConfig, stage: str) -> DictConfig:
+    """The fine-tuning method a stage uses: the ``peft`` group, unless the stage names its own method
+    (``<stage>.peft``, e.g. ``sft.peft: none`` for full fine-tuning while alignment keeps its adapter)."""
+    own = cfg[stage].get("peft")
+    if own is None or own == cfg.peft.method:
+        return cfg.peft
+    return OmegaConf.merge(cfg.peft, {"method": own, "quantize_base": None if own in ("none", "bitfit") else cfg.peft.quantize_base})
+
+
 def quantization_config(cfg: DictConfig):
     """bitsandbytes 4-bit config for QLoRA (``peft.quantize_base``), or None."""
     if not cfg.quantize_base:

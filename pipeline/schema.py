@@ -146,6 +146,7 @@ class PrepareStageConfig:
 
 @dataclass
 class SftStageConfig(TrainingStageConfig):
+    peft: Optional[str] = choice(None, *PEFT_METHODS, default=None)
     accumulate_grad_batches: int = bounded(1)
     packing: bool = False
     pack_length: int = bounded(8)
@@ -402,8 +403,9 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.sft.packing and cfg.sft.pack_length < cfg.data.max_tokens:
         raise ConfigError(f"config key 'sft.pack_length' = {cfg.sft.pack_length} is below data.max_tokens = "
                           f"{cfg.data.max_tokens}: the longest rows would not fit a pack")
-    if cfg.sft.packing and cfg.peft.method in PROMPT_LEARNING:
-        raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {cfg.peft.method!r} "
+    sft_method = cfg.sft.peft or cfg.peft.method
+    if cfg.sft.packing and sft_method in PROMPT_LEARNING:
+        raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {sft_method!r} "
                           "(virtual tokens would be shared by every example of a pack); set sft.packing=false")
     judge = cfg.judge
     needs = {"function": "function", "llm": "template", "human": "labels_file"}.get(judge.name)

@@ -1,7 +1,8 @@
 """sft: supervised fine-tuning of the base model on the prepared demonstrations.
 
 Full fine-tuning, a peft method (LoRA by default, DoRA, QLoRA, IA3, LoHa, LoKr, prompt and prefix
-tuning, ...) or BitFit, chosen by the ``peft`` config group (see :mod:`pipeline.adapters`). The loss is
+tuning, ...) or BitFit, chosen by the ``peft`` config group (see :mod:`pipeline.adapters`), or by
+``sft.peft`` for this stage alone (``none``: full fine-tuning while alignment keeps its adapter). The loss is
 on response tokens only (prompts, system turns and padding carry label -100, from ``prepare``). Optional
 packing puts several examples in one sequence with a block-diagonal causal mask and restarted positions,
 so no example attends to another. Gradient accumulation, warmup plus cosine decay, validation loss and
@@ -175,8 +176,9 @@ def main(cfg: DictConfig) -> dict:
         start = time.time()
         model_path, tokenizer_path = base_sources(base_dir)
         tokenizer = load_tokenizer(tokenizer_path, cfg.model)
-        model = load_causal_lm(model_path, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
-        model = adapters.apply(model, cfg.peft)
+        peft = adapters.stage_peft(cfg, "sft")
+        model = load_causal_lm(model_path, cfg.model, quantization_config=adapters.quantization_config(peft))
+        model = adapters.apply(model, peft)
         trainable = sum(p.numel() for p in adapters.trainable_parameters(model).values())
         total = sum(p.numel() for p in model.parameters())
         data = SFTData(prepare_dir, cfg, tokenizer.pad_token_id)
@@ -197,9 +199,9 @@ def main(cfg: DictConfig) -> dict:
         train_seconds = time.time() - start
         with atomic_dir(out) as tmp:
             base_ref = cfg.model.name_or_path or str(base_dir)
-            adapters.save_trained(module.model, cfg.peft, tmp, model_path, cfg.model, base_ref)
+            adapters.save_trained(module.model, peft, tmp, model_path, cfg.model, base_ref)
             tokenizer.save_pretrained(tmp)
-            run.write_run_json(tmp, peft_method=cfg.peft.method)
+            run.write_run_json(tmp, peft_method=peft.method)
         clear_checkpoints(cfg, "sft")
         run.add_output("sft", out)
         plots = Path(cfg.paths.plots) / "sft"

@@ -185,7 +185,7 @@ def test_merged_model_equals_base_plus_adapter(smoke_chain, in_tmp):
 
     for name in ("base", "prepare"):
         shutil.copytree(smoke_chain / "data" / name, in_tmp / "data" / name)
-    run_stage("sft")
+    run_stage("sft", "sft.peft=null")                     # through the peft group: LoRA
     out = in_tmp / "data" / "sft"
     merged = load_causal_lm(out).eval()
     unmerged = PeftModel.from_pretrained(load_causal_lm(in_tmp / "data" / "base"), str(out / "adapter")).eval()
@@ -194,6 +194,16 @@ def test_merged_model_equals_base_plus_adapter(smoke_chain, in_tmp):
         assert torch.allclose(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-5)
     run = json.loads((out / "run.json").read_text())
     assert set(run["inputs"]) == {"base", "prepare"}
+
+
+def test_sft_can_fine_tune_fully_while_alignment_keeps_its_adapter():
+    from pipeline.adapters import stage_peft
+
+    cfg = compose("peft=dora", "sft.peft=none")
+    assert stage_peft(cfg, "sft").method == "none" and stage_peft(cfg, "dpo").method == "lora"
+    assert stage_peft(cfg, "dpo").options.use_dora
+    assert stage_peft(compose("peft=dora", "sft.peft=null"), "sft").options.use_dora   # null: the peft group
+    assert stage_peft(compose("peft=qlora", "sft.peft=none"), "sft").quantize_base is None  # nothing to quantize under
 
 
 def test_every_configurable_peft_method_maps_to_a_peft_class_or_is_handled_here():
