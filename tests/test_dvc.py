@@ -43,7 +43,7 @@ def test_invalidation_rules(project):
     again = sh("dvc", "repro", cwd=project).stdout
     assert ran(again) == set() and "Data and pipelines are up to date" in again
 
-    set_param(project, "sft.lr", 0.001)  # an SFT hyperparameter: sft and everything that reads its model
+    set_param(project, "sft.lr", 0.002)  # an SFT hyperparameter: sft and everything that reads its model
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"sft"} | AFTER_SFT
 
     set_param(project, "evaluate.few_shot", 2)  # an evaluate parameter: evaluate only
