@@ -374,7 +374,7 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
     from pipeline import adapters
     from pipeline.lineage import stage_run
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.outputs import atomic_dir, write_json
+    from pipeline.outputs import atomic_dir, stage_output, write_json
     from pipeline.rewards import load_reward_model
     from pipeline.schema import PROMPT_LEARNING, ConfigError
     from pipeline.training import build_trainer, checkpoint_dir, clear_checkpoints, resume_path, seed_everything
@@ -385,7 +385,7 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
         raise ConfigError(f"config key 'peft.method' = {cfg.peft.method!r}: online alignment needs weight adapters "
                           "(lora, ia3, ...) or full fine-tuning; virtual tokens do not fit its token layout")
     data = Path(cfg.paths.data)
-    sft_dir, prompts_path, out = data / "sft", data / "prepare" / "prompts.jsonl", Path(cfg.paths.out) / name
+    sft_dir, prompts_path, out = data / "sft", data / "prepare" / "prompts.jsonl", stage_output(cfg, name)
     with stage_run(cfg, name) as run:
         inputs = [run.add_input("prepare", prompts_path, dataset=True), run.add_input("sft", sft_dir)]
         reward_model = None

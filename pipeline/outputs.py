@@ -41,6 +41,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def stage_output(cfg, stage: str) -> Path:
+    """The folder a stage writes: ``<paths.out>/<stage>``, where ``paths.out`` null means ``paths.data`` (the
+    DVC outputs); a Hydra multirun job sets it to its own folder."""
+    return Path(cfg.paths.out or cfg.paths.data) / stage
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)

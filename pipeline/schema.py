@@ -280,7 +280,7 @@ class JudgeConfig:
 @dataclass
 class PathsConfig:
     data: str = MISSING
-    out: str = MISSING
+    out: Optional[str] = None
     metrics: str = MISSING
     plots: str = MISSING
     checkpoints: str = MISSING

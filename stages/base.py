@@ -34,7 +34,7 @@ from pipeline import suite
 from pipeline.lineage import StageRun, stage_run
 from pipeline.models import (build_causal_lm, build_char_tokenizer, check_chat_template, count_parameters,
                              load_tokenizer, ModelError)
-from pipeline.outputs import atomic_dir, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
                                checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
 
@@ -126,7 +126,7 @@ class BasePretraining(StageModule):
 
 def main(cfg: DictConfig) -> dict:
     """Run the base stage; return its metrics."""
-    out = Path(cfg.paths.out) / "base"
+    out = stage_output(cfg, "base")
     with stage_run(cfg, "base") as run:
         if cfg.model.name_or_path is None:
             metrics = pretrain(cfg, run, out)

@@ -46,7 +46,7 @@ from pipeline.generation import generate
 from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
 from pipeline.lineage import stage_run
 from pipeline.models import load_tokenizer, render_ids
-from pipeline.outputs import atomic_dir, write_atomic, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
 from pipeline.plots import write_histogram
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def main(cfg: DictConfig) -> dict:
     from pipeline.training import seed_everything
 
     data = Path(cfg.paths.data)
-    policy_dir, out = data / "sft", Path(cfg.paths.out) / "collect"
+    policy_dir, out = data / "sft", stage_output(cfg, "collect")
     with stage_run(cfg, "collect") as run:
         run.add_input("prepare", data / "prepare", dataset=True)
         policy = run.add_input("sft", policy_dir)

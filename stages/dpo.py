@@ -41,7 +41,7 @@ from pipeline.adapters import uses_virtual_tokens
 from pipeline.lineage import stage_run
 from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps, shared_prompt_logps
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.outputs import atomic_dir, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.preferences import PreferenceData
 from pipeline.schema import ConfigError
 from pipeline.training import (StageModule, adamw_warmup_cosine, build_trainer,
@@ -180,7 +180,7 @@ def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: in
 def main(cfg: DictConfig) -> dict:
     """Run the dpo stage; return its metrics."""
     data_dir = Path(cfg.paths.data)
-    sft_dir, pairs_path, out = data_dir / "sft", data_dir / "collect" / "pairs.jsonl", Path(cfg.paths.out) / "dpo"
+    sft_dir, pairs_path, out = data_dir / "sft", data_dir / "collect" / "pairs.jsonl", stage_output(cfg, "dpo")
     c = cfg.dpo
     if c.reference == "disable_adapter" and cfg.peft.method in ("none", "bitfit") and c.loss not in REFERENCE_FREE:
         raise ConfigError(f"config key 'dpo.reference' = disable_adapter needs an adapter method, but peft.method = "

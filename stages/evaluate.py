@@ -46,7 +46,7 @@ from pipeline.adapters import load_trained
 from pipeline.generation import generate, left_pad
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_causal_lm, load_tokenizer, render_ids
-from pipeline.outputs import atomic_dir, write_atomic, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,7 @@ def main(cfg: DictConfig) -> dict:
     from pipeline.training import seed_everything
 
     data = Path(cfg.paths.data)
-    out = Path(cfg.paths.out) / "evaluate"
+    out = stage_output(cfg, "evaluate")
     with stage_run(cfg, "evaluate") as run:
         run.add_input("prepare", data / "prepare", dataset=True)
         chosen = variants(cfg)

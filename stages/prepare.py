@@ -38,7 +38,7 @@ from pipeline.chat import InputError, encode, load_files, prompt_of
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_tokenizer
 from pipeline.plots import write_histogram
-from pipeline.outputs import atomic_dir, write_atomic, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
 
 SPLITS = ("train", "val", "test", "prompts")
 TOKENIZED_SPLITS = ("train", "val")
@@ -221,7 +221,7 @@ def save_tokenized(path: Path, encoded: list[tuple[list[int], list[int]]]) -> No
 def main(cfg: DictConfig) -> dict:
     """Run the prepare stage; return its metrics."""
     base_dir = Path(cfg.paths.data) / "base"
-    out = Path(cfg.paths.out) / "prepare"
+    out = stage_output(cfg, "prepare")
     with stage_run(cfg, "prepare") as run:
         run.add_input("base", base_dir)
         for i, path in enumerate(cfg.data.paths if cfg.data.source == "files" else []):

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from pipeline import quantization as Q
 from pipeline.lineage import stage_run
 from pipeline.models import load_causal_lm, load_tokenizer, render_ids
-from pipeline.outputs import atomic_dir, write_atomic, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
 from pipeline.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def main(cfg: DictConfig) -> dict:
     q = cfg.quantize
     check_config(cfg)
     data = Path(cfg.paths.data)
-    source_dir, prepare_dir, out = data / q.source, data / "prepare", Path(cfg.paths.out) / "quantize"
+    source_dir, prepare_dir, out = data / q.source, data / "prepare", stage_output(cfg, "quantize")
     with stage_run(cfg, "quantize") as run:
         run.add_input(q.source, source_dir)
         run.add_input("prepare", prepare_dir, dataset=True)

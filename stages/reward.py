@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from pipeline import adapters
 from pipeline.lineage import stage_run
 from pipeline.models import load_sequence_scorer, load_tokenizer
-from pipeline.outputs import atomic_dir, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.plots import write_histogram
 from pipeline.preferences import PreferenceData
 from pipeline.rewards import GATE_JSON, STATS_JSON, bradley_terry_loss, sequence_rewards
@@ -157,7 +157,7 @@ def _record_pad_token(folder: Path, pad_id: int) -> None:
 def main(cfg: DictConfig) -> dict:
     """Run the reward stage; return its metrics."""
     data = Path(cfg.paths.data)
-    sft_dir, pairs_path, out = data / "sft", data / "collect" / "pairs.jsonl", Path(cfg.paths.out) / "reward"
+    sft_dir, pairs_path, out = data / "sft", data / "collect" / "pairs.jsonl", stage_output(cfg, "reward")
     r = cfg.reward
     with stage_run(cfg, "reward") as run:
         inputs = [run.add_input("collect", pairs_path, dataset=True)]

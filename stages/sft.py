@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from pipeline import adapters
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_causal_lm, load_tokenizer
-from pipeline.outputs import atomic_dir, write_json
+from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
                                checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
 
@@ -169,7 +169,7 @@ class SFTModule(StageModule):
 def main(cfg: DictConfig) -> dict:
     """Run the sft stage; return its metrics."""
     data_dir = Path(cfg.paths.data)
-    base_dir, prepare_dir, out = data_dir / "base", data_dir / "prepare", Path(cfg.paths.out) / "sft"
+    base_dir, prepare_dir, out = data_dir / "base", data_dir / "prepare", stage_output(cfg, "sft")
     with stage_run(cfg, "sft") as run:
         inputs = [run.add_input("base", base_dir), run.add_input("prepare", prepare_dir, dataset=True)]
         seed_everything(cfg)
