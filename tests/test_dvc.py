@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,14 +123,17 @@ def test_every_stage_sees_its_own_code_and_parameters_and_nothing_else(project):
 def test_lineage_parent_run_per_dvc_execution(project):
     from mlflow.tracking import MlflowClient
 
-    sh("dvc", "repro", "--force", cwd=project)
+    out = sh(sys.executable, "-m", "pipeline.repro", "--force", cwd=project).stdout   # what `make pipeline` runs
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("posttrain")
     runs = client.search_runs([exp.experiment_id], order_by=["start_time DESC"])
     parents = [r for r in runs if r.data.tags.get("posttrain.kind") == "pipeline"]
     newest = parents[0]
+    assert newest.info.run_id in out and newest.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(ALL)
+    lock = client.download_artifacts(newest.info.run_id, "dvc.lock", str(project / ".cache"))
+    assert Path(lock).read_text() == (project / "dvc.lock").read_text()      # the parent carries the final lock
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
     assert sorted(r.info.run_name for r in variants) == ["base_cot", "base_few_shot", "base_zero_shot", "dpo", "grpo",
@@ -140,6 +144,12 @@ def test_lineage_parent_run_per_dvc_execution(project):
     assert prepare_child.data.tags["upstream.base.run_id"] == base_run["run_id"]
     assert base_run["parent_run_id"] == newest.info.run_id
     assert base_run["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
+
+    view = sh(sys.executable, "-m", "pipeline.lineage", "quantize", cwd=project).stdout   # the lineage view
+    for stage in ("quantize", "dpo", "collect", "sft", "prepare", "base"):
+        run_id = json.loads((project / "data" / stage / "run.json").read_text())["run_id"]
+        assert f"{stage}  run {run_id}" in view
+    assert "input prepare: sha256" in view and "config: " in view and "dpo.beta=" in view
 
 
 def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
