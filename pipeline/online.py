@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

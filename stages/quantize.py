@@ -26,7 +26,6 @@ Run: ``python -m pipeline.run stage=quantize [quantize.method=bnb_nf4 quantize.s
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time

@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose, copy_chain, run_stage, save_tiny_model
 from pipeline.chat import InputError
-from pipeline.judges import (FunctionJudge, LLMJudge, VerifierJudge, read_labels, resolve_labels,
+from pipeline.judges import (FunctionJudge, LLMJudge, read_labels, resolve_labels,
                              verifier_score)
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.schema import ConfigError

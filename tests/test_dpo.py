@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, copy_chain, run_stage, save_tiny_model
+from conftest import copy_chain, run_stage, save_tiny_model
 from pipeline.losses import LOSSES, LossSettings, PairLogps, response_logps
 from pipeline.schema import DPO_LOSSES, ConfigError
 

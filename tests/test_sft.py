@@ -4,7 +4,6 @@ two architectures end to end."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest

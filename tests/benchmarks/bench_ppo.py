@@ -60,7 +60,6 @@ def toy_reward(rows, texts):
 
 def run_ppo(cfg, source: str, iterations: int) -> dict:
     import lightning as L
-    import torch
     from omegaconf import OmegaConf
 
     from pipeline import adapters
