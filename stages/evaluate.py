@@ -4,25 +4,29 @@ A ``LightningModule`` run by ``Trainer.test``: each test batch is generated (bat
 cache, greedy by default), verified by the suite's checker, and scored by teacher forcing on the
 reference responses (perplexity).
 
-Variants (``evaluate.variants``): ``base_zero_shot`` and ``base_few_shot`` (the base model prompted
-``Q: ...\\nA:`` with none or ``few_shot`` solved examples first: the in-context-learning baseline, no
-training), and any trained stage's model by its name (``sft``, ``dpo``, ``ppo``, ``grpo``: ``data/<name>``
-through its chat template).
+Variants (``evaluate.variants``; one whose stage has not run is skipped with a warning):
+``base_zero_shot``, ``base_few_shot`` and ``base_cot`` (the base model prompted ``Q: ...\\nA:`` with none,
+``few_shot`` solved examples, or the same examples as worked steps ending "The answer is ...": the
+in-context-learning baselines, no training), and any trained stage's model by its name (``sft``, ``dpo``,
+``ppo``, ``grpo``, ``quantize``: ``data/<name>`` through its chat template).
 
 Metrics per variant (``test/<name>``): accuracy overall and per family; on seen templates, on held-out
 templates and on the held-out family; accuracy when sampling once at temperature 1
 (``evaluate.sampled_accuracy``); perplexity on the reference responses; mean response length in
-characters; refusal rate on harmful and on harmless prompts; share of concise task answers; generation
-throughput; the reward model's score (``test/reward_score``, normalized by its training pairs' mean and std;
-when ``data/reward`` holds a model that passed its gate). Against SFT (every variant but ``sft``): the verifier's win rate over SFT's answers to the same
-prompts, and for chat variants the KL to the SFT model along the variant's own answers; with a reward
-model, ``test/reward_win_rate_vs_sft``: the share of prompts where it scores this variant's answer above
-SFT's (ties half).
+characters; refusal rate on harmful and on harmless prompts; share of answers without filler; generation
+time per prompt (batched) and throughput; the reward model's score (``test/reward_score``, normalized by its
+training pairs' mean and std; when ``data/reward`` holds a model that passed its gate). Against SFT (every
+variant but ``sft``): the verifier's win rate over SFT's answers to the same prompts, asked in both orders
+(:func:`pairwise_win_rate`), and for chat variants the KL to the SFT model along the variant's own answers;
+with a reward model, ``test/reward_win_rate_vs_sft``. Optional lm-evaluation-harness tasks
+(``evaluate.lm_eval_tasks``) when the package is installed.
 
 Inputs: ``data/base``, ``data/prepare`` (test split; train split for few-shot examples), ``data/sft``,
-``data/dpo``, ``data/ppo``, ``data/grpo``, ``data/reward``; ``evaluate.*``, ``seed``.
-Outputs: ``data/evaluate/`` (``generations.jsonl``, ``report.md``, ``run.json``),
-``data/metrics/evaluate.json`` (variant -> metrics), ``data/plots/evaluate/accuracy.csv``.
+``data/dpo``, ``data/ppo``, ``data/grpo``, ``data/quantize`` (and its ``report.json``), ``data/reward``;
+training curves under ``data/plots/``; ``evaluate.*``, ``seed``.
+Outputs: ``data/evaluate/`` (``report.html``: one self-contained page with the table, plots and sample
+generations, see :mod:`pipeline.report`; ``report.md``, ``generations.jsonl``, ``run.json``),
+``data/metrics/evaluate.json`` (variant -> metrics), ``data/plots/evaluate/{accuracy,reward_kl}.csv``.
 Each variant is also an MLflow child run of the evaluate run, with the same metric names.
 Run: ``python -m pipeline.run stage=evaluate``
 """
