@@ -86,13 +86,14 @@ def test_invalidation_rules(project):
 
 
 # Each stage's own code file and one of its own parameters, and the stages that must see the change directly
-# (the rest follow through their inputs, which test_invalidation_rules checks by running them).
+# (the rest follow through their inputs, which test_invalidation_rules checks by running them). Each value differs
+# from the default and from what test_invalidation_rules leaves in the shared project's params.yaml.
 OWN = {
-    "base": ("stages/base.py", "base.lr", 0.002, {"base"}),
+    "base": ("stages/base.py", "base.lr", 0.0015, {"base"}),
     "prepare": ("stages/prepare.py", "prepare.histogram_bins", 7, {"prepare"}),
-    "sft": ("stages/sft.py", "sft.lr", 0.002, {"sft"}),
+    "sft": ("stages/sft.py", "sft.lr", 0.0015, {"sft"}),
     "collect": ("stages/collect.py", "collect.k", 4, {"collect"}),
-    "reward": ("stages/reward.py", "reward.lr", 0.002, {"reward"}),
+    "reward": ("stages/reward.py", "reward.lr", 0.0015, {"reward"}),
     "dpo": ("stages/dpo.py", "dpo.beta", 0.3, {"dpo"}),
     "ppo": ("stages/ppo.py", "ppo.kl_coef", 0.3, {"ppo"}),
     "grpo": ("stages/grpo.py", "grpo.kl_coef", 0.3, {"grpo"}),
