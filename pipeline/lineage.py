@@ -50,12 +50,20 @@ def tracking_uri(cfg: DictConfig) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+# Tracked files that the pipeline itself rewrites: DVC deletes a stage's metrics and plots before running it
+# and updates dvc.lock after it. Changes there are products of the chain, not edits to its source, so they do
+# not make a run "dirty" (otherwise every stage of a clean `dvc repro` would be).
+PIPELINE_PRODUCTS = ("dvc.lock", "data/.gitignore", "data/metrics", "data/plots")
+
+
 def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
-    """(commit, dirty) of the git work tree at ``cwd``; ("unknown", True) outside git."""
+    """(commit, dirty) of the git work tree at ``cwd``; ("unknown", True) outside git. Dirty means a tracked
+    file other than the pipeline's own products (``PIPELINE_PRODUCTS``) differs from the commit."""
+    exclude = [f":(exclude){path}" for path in PIPELINE_PRODUCTS]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                                cwd=cwd, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
     return commit.stdout.strip(), bool(status.stdout.strip())
@@ -328,10 +336,11 @@ def upstream_chain(client, run_id: str, depth: int = 0, seen: set[str] | None = 
         "parent_run_id": tags.get("mlflow.parentRunId"),
         "inputs": {k[len("input."):-len(".digest")]: v for k, v in tags.items() if k.startswith("input.") and k.endswith(".digest")},
         "upstream": {k[len("upstream."):-len(".run_id")]: v for k, v in tags.items() if k.startswith("upstream.")},
-        "config": {k: v for k, v in sorted(params.items()) if k.split(".")[0] in (stage, "seed", "peft", "judge")},
+        "config": {k: v for k, v in sorted(params.items()) if k.split(".")[0] in (stage, "seed")},
     }
     out = [node]
-    if run_id in seen:
+    if run_id in seen:  # a DAG, not a tree: a run reached twice is shown in full once
+        node["repeat"] = True
         return out
     seen.add(run_id)
     for name, upstream_id in sorted(node["upstream"].items()):
@@ -348,6 +357,9 @@ def format_chain(chain: list[dict], show_config: bool = True) -> str:
         pad = "  " * node["depth"] + ("└─ " if node["depth"] else "")
         if node.get("missing"):
             lines.append(f"{pad}{node['stage']}  run {node['run_id']}  (not in this store)")
+            continue
+        if node.get("repeat"):
+            lines.append(f"{pad}{node['stage']}  run {node['run_id']}  (above)")
             continue
         dirty = " (dirty)" if node["git_dirty"] == "True" else ""
         lines.append(f"{pad}{node['stage']}  run {node['run_id']}  {node['status']}  git {node['git_commit'][:10]}{dirty}")

@@ -1,0 +1,55 @@
+"""Lineage helpers on their own: the git dirty flag and the printed chain (the end to end view is in test_dvc)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import sh
+from pipeline.lineage import format_chain, git_state
+
+
+def test_dirty_means_source_changed_not_the_pipelines_own_products(tmp_path: Path):
+    sh("git", "init", "-q", cwd=tmp_path)
+    for path, text in {"stages/sft.py": "x = 1\n", "params.yaml": "seed: 0\n", "dvc.lock": "schema: '2.0'\n",
+                       "data/metrics/sft.json": "{}\n", "data/plots/sft/loss.json": "[]\n", "data/.gitignore": "/sft\n"}.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    sh("git", "add", "-A", cwd=tmp_path)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=tmp_path)
+    commit, dirty = git_state(tmp_path)
+    assert len(commit) == 40 and dirty is False
+    # What DVC does around a stage: deletes its metrics and plots, then rewrites dvc.lock and data/.gitignore.
+    (tmp_path / "data/metrics/sft.json").unlink()
+    (tmp_path / "data/plots/sft/loss.json").write_text("[1]\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (tmp_path / "data/.gitignore").write_text("/sft\n/dpo\n")
+    (tmp_path / "new_untracked.txt").write_text("scratch\n")
+    assert git_state(tmp_path) == (commit, False)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")           # a parameter edit is a source change
+    assert git_state(tmp_path) == (commit, True)
+    sh("git", "checkout", "params.yaml", cwd=tmp_path)
+    (tmp_path / "stages/sft.py").write_text("x = 2\n")           # and so is a code edit
+    assert git_state(tmp_path) == (commit, True)
+
+
+def test_git_state_outside_a_repository_is_unknown_and_dirty(tmp_path: Path):
+    assert git_state(tmp_path) == ("unknown", True)
+
+
+def test_a_run_reached_twice_is_printed_in_full_once():
+    node = {"status": "FINISHED", "git_commit": "abc1234567890", "git_dirty": "False", "upstream": {},
+            "inputs": {}, "config": {}}
+    chain = [
+        {**node, "depth": 0, "run_id": "r-sft", "stage": "sft", "inputs": {"base": "d" * 64, "prepare": "e" * 64},
+         "upstream": {"base": "r-base", "prepare": "r-prep"}, "config": {"sft.lr": "0.001"}},
+        {**node, "depth": 1, "run_id": "r-base", "stage": "base"},
+        {**node, "depth": 1, "run_id": "r-prep", "stage": "prepare", "inputs": {"base": "d" * 64},
+         "upstream": {"base": "r-base"}},
+        {"depth": 2, "run_id": "r-base", "stage": "base", "repeat": True},
+    ]
+    lines = format_chain(chain).splitlines()
+    assert lines[0] == "sft  run r-sft  FINISHED  git abc1234567"
+    assert lines[1] == "   input base: sha256 dddddddddddddddd  from run r-base"
+    assert lines[3] == "   config: sft.lr=0.001"
+    assert lines[-1] == "    └─ base  run r-base  (above)"
+    assert sum("run r-base" in line and "FINISHED" in line for line in lines) == 1
