@@ -45,7 +45,7 @@ ALIGNED = ("dpo", "ppo", "grpo")
 CURVES = (
     ("base", "loss.json", "step", ("train/loss",)),
     ("sft", "loss.json", "step", ("train/loss",)),
-    ("reward", "val_accuracy.json", "step", ("val/accuracy",)),
+    ("reward", "loss.json", "step", ("train/loss", "train/accuracy")),
     ("dpo", "loss.json", "step", ("train/loss", "train/rewards/margin")),
     ("ppo", "iterations.json", "iteration", ("train/reward", "train/kl")),
     ("grpo", "iterations.json", "iteration", ("train/reward", "train/kl")),
@@ -101,9 +101,14 @@ def reward_kl_chart(results: dict) -> str | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for name, kl, reward in points:
+    span_kl = (max(p[1] for p in points) - min(p[1] for p in points)) or 1.0
+    span_reward = (max(p[2] for p in points) - min(p[2] for p in points)) or 1.0
+    for i, (name, kl, reward) in enumerate(points):
         ax.scatter([kl], [reward], s=40)
-        ax.annotate(name, (kl, reward), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # Near-identical points (a model and its quantized copy) get their labels stacked, not overprinted.
+        close = sum(abs(kl - k) / span_kl < 0.08 and abs(reward - r) / span_reward < 0.08 for _, k, r in points[:i])
+        ax.annotate(name, (kl, reward), textcoords="offset points", xytext=(4, 4 - 10 * close), fontsize=8)
+    ax.margins(x=0.15, y=0.12)
     if "sft" in results and "test/reward_score" in results["sft"]:
         ax.axhline(results["sft"]["test/reward_score"], color="grey", linestyle=":", label="sft")
         ax.legend(fontsize=8)
