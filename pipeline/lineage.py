@@ -50,16 +50,28 @@ def tracking_uri(cfg: DictConfig) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-# Tracked files that the pipeline itself rewrites: DVC deletes a stage's metrics and plots before running it
-# and updates dvc.lock after it. Changes there are products of the chain, not edits to its source, so they do
-# not make a run "dirty" (otherwise every stage of a clean `dvc repro` would be).
-PIPELINE_PRODUCTS = ("dvc.lock", "data/.gitignore", "data/metrics", "data/plots")
+def pipeline_products(root: str | Path = ".") -> set[str]:
+    """Tracked files the chain itself rewrites: ``dvc.lock``, and every output a stage of ``dvc.yaml`` declares
+    (outs, metrics, plots: DVC deletes them before it runs the stage) with the ``.gitignore`` DVC keeps beside
+    them. Read from ``dvc.yaml``, the one place that names them."""
+    products = {"dvc.lock"}
+    spec = Path(root) / "dvc.yaml"
+    if spec.exists():
+        import yaml
+
+        for stage in (yaml.safe_load(spec.read_text()) or {}).get("stages", {}).values():
+            for kind in ("outs", "metrics", "plots"):
+                for entry in stage.get(kind, []):
+                    path = entry if isinstance(entry, str) else next(iter(entry))
+                    products |= {path, str(Path(path).parent / ".gitignore")}
+    return products
 
 
 def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
     """(commit, dirty) of the git work tree at ``cwd``; ("unknown", True) outside git. Dirty means a tracked
-    file other than the pipeline's own products (``PIPELINE_PRODUCTS``) differs from the commit."""
-    exclude = [f":(exclude){path}" for path in PIPELINE_PRODUCTS]
+    file other than the pipeline's own products (:func:`pipeline_products`) differs from the commit: otherwise
+    every stage of a clean `dvc repro` would count as dirty, its tracked metrics deleted by DVC before it runs."""
+    exclude = [f":(exclude){path}" for path in sorted(pipeline_products(cwd))]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],

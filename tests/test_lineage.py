@@ -10,8 +10,12 @@ from pipeline.lineage import format_chain, git_state
 
 def test_dirty_means_source_changed_not_the_pipelines_own_products(tmp_path: Path):
     sh("git", "init", "-q", cwd=tmp_path)
+    spec = ("stages:\n  sft:\n    cmd: python -m pipeline.run stage=sft\n    outs:\n      - data/sft\n"
+            "    metrics:\n      - data/metrics/sft.json:\n          cache: false\n"
+            "    plots:\n      - data/plots/sft/loss.json:\n          cache: false\n")
     for path, text in {"stages/sft.py": "x = 1\n", "params.yaml": "seed: 0\n", "dvc.lock": "schema: '2.0'\n",
-                       "data/metrics/sft.json": "{}\n", "data/plots/sft/loss.json": "[]\n", "data/.gitignore": "/sft\n"}.items():
+                       "dvc.yaml": spec, "data/metrics/sft.json": "{}\n", "data/plots/sft/loss.json": "[]\n",
+                       "data/.gitignore": "/sft\n"}.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
     sh("git", "add", "-A", cwd=tmp_path)
@@ -29,6 +33,9 @@ def test_dirty_means_source_changed_not_the_pipelines_own_products(tmp_path: Pat
     assert git_state(tmp_path) == (commit, True)
     sh("git", "checkout", "params.yaml", cwd=tmp_path)
     (tmp_path / "stages/sft.py").write_text("x = 2\n")           # and so is a code edit
+    assert git_state(tmp_path) == (commit, True)
+    sh("git", "checkout", "stages/sft.py", cwd=tmp_path)
+    (tmp_path / "dvc.yaml").write_text(spec.replace("sft", "sft2"))  # and so is an edit to the pipeline itself
     assert git_state(tmp_path) == (commit, True)
 
 
