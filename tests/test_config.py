@@ -90,3 +90,32 @@ def test_params_door_types_overrides_like_yaml(tmp_path):
     assert cfg.stage == "sft" and cfg.sft.lr == 0.01 and list(cfg.evaluate.variants) == ["sft"]
     assert cfg.model.revision is None
     validate(cfg)
+
+
+# Stages that sample responses, and which demonstrations their policy may legitimately answer with.
+RESPONSE_CAPS = {"collect": ("plain", "verbose"), "ppo": ("plain", "verbose"), "grpo": ("plain", "verbose"),
+                 "quantize": ("plain", "verbose"), "evaluate": ("plain", "verbose", "cot")}
+
+
+def test_every_sampling_cap_fits_the_longest_right_answer():
+    """A response cap shorter than a right answer cuts it off: the verifier then fails it and the online
+    stages subtract the missing-end-token penalty, so they learn to avoid the answer (measured: with a
+    32-token cap the 38-character refusal never finished, and PPO and GRPO unlearned refusing)."""
+    import random
+
+    from pipeline import suite
+    from pipeline.models import build_char_tokenizer
+
+    tok, rng, cfg = build_char_tokenizer(), random.Random(0), compose()
+    longest = {"plain": 0, "verbose": 0, "cot": 0}
+    for family, spec in suite.FAMILIES.items():
+        for _ in range(300):
+            ex = suite.make_example(family, rng.randrange(len(spec.templates)), rng)
+            for kind, text in (("plain", suite.reference_response(ex)),
+                               ("verbose", suite.reference_response(ex, verbose=True)),
+                               ("cot", suite.rationale(family, ex.inputs, ex.answer))):
+                longest[kind] = max(longest[kind], len(tok(text, add_special_tokens=False).input_ids) + 1)  # + EOS
+    assert longest["plain"] >= len(suite.REFUSAL) + 1  # the refusal is among the right answers
+    for stage, kinds in RESPONSE_CAPS.items():
+        need = max(longest[k] for k in kinds)
+        assert cfg[stage].max_new_tokens >= need, f"{stage}.max_new_tokens = {cfg[stage].max_new_tokens} < {need}"
