@@ -143,7 +143,10 @@ def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, comple
         prompt_ids[i, width - p:] = input_ids[i, :p]
         prompt_mask[i, width - p:] = 1
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    # Only the prompt's last logits are used (they predict the first response token): logits_to_keep=1 skips
+    # the LM head on every other prompt position (a (pairs, prompt, vocab) fp32 tensor on a real vocabulary).
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
     cache, first_logits = out.past_key_values, out.logits[:, -1]
     cache.batch_repeat_interleave(2)                               # rows: pair 0 chosen, pair 0 rejected, ...
     order = [row for i in range(n) for row in (i, n + i)]
