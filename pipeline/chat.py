@@ -146,11 +146,6 @@ def prompt_of(row: dict) -> list[dict]:
     return row["messages"][:-1]
 
 
-def response_of(row: dict) -> str:
-    """The final assistant turn's text."""
-    return row["messages"][-1]["content"]
-
-
 def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its labels: -100 everywhere except assistant turns (content and
     end-of-turn token), so the loss is only on responses; prompts, system turns and padding are masked.

@@ -119,7 +119,7 @@ def decode(model, input_ids: torch.Tensor, mask: torch.Tensor, k: int, max_new_t
     stops = torch.tensor(stop_ids, device=logits.device)
     for step in range(max_new_tokens):
         tokens = choose(logits)
-        for row, token in zip(alive.tolist(), tokens.tolist()):
+        for row, token in zip(alive.tolist(), tokens.tolist(), strict=True):
             responses[row].append(token)
         keep = ~torch.isin(tokens, stops)
         if step == max_new_tokens - 1 or not keep.any():

@@ -109,7 +109,7 @@ class VerifierJudge(Judge):
     name = "verifier"
 
     def score(self, rows, samples):
-        return [[verifier_score(row, s) for s in texts] for row, texts in zip(rows, samples)]
+        return [[verifier_score(row, s) for s in texts] for row, texts in zip(rows, samples, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------ function
@@ -142,7 +142,7 @@ class FunctionJudge(Judge):
 
     def score(self, rows, samples):
         scores = []
-        for row, texts in zip(rows, samples):
+        for row, texts in zip(rows, samples, strict=True):
             out = []
             for text in texts:
                 value = self.fn(prompt_text(row), text)
@@ -208,10 +208,6 @@ class LLMJudge(Judge):
             out += torch.softmax(pair, -1)[:, 0].tolist()
         return out
 
-    def preferences(self, prompt: str, pairs: list[tuple[str, str]]) -> list[tuple[float, float, float]]:
-        """For each (a, b): (P(a wins | a shown first), P(a wins | b shown first), debiased P(a wins))."""
-        return self.judge_pairs([(prompt, a, b) for a, b in pairs])
-
     def judge_pairs(self, items: list[tuple[str, str, str]]) -> list[tuple[float, float, float]]:
         """Judge (prompt, a, b) items in both orders, batched."""
         forward = [self.prompt_ids(p, a, b) for p, a, b in items]
@@ -222,7 +218,7 @@ class LLMJudge(Judge):
 
     def score(self, rows, samples):
         items, index = [], []
-        for r, (row, texts) in enumerate(zip(rows, samples)):
+        for r, (row, texts) in enumerate(zip(rows, samples, strict=True)):
             for i, j in combinations(range(len(texts)), 2):
                 if texts[i] != texts[j]:
                     items.append((prompt_text(row), texts[i], texts[j]))
@@ -230,7 +226,7 @@ class LLMJudge(Judge):
         judged = self.judge_pairs(items)
         wins: list[list[list[float]]] = [[[] for _ in texts] for texts in samples]
         inconsistent = first_wins = 0
-        for (r, i, j), (a_first, a_second, p) in zip(index, judged):
+        for (r, i, j), (a_first, a_second, p) in zip(index, judged, strict=True):
             wins[r][i].append(p)
             wins[r][j].append(1 - p)
             inconsistent += (a_first > 0.5) != (a_second > 0.5)
@@ -324,7 +320,7 @@ class HumanJudge(Judge):
             by_prompt[pid].append((a, b, outcome))
         used = set()
         scores = []
-        for row, texts in zip(rows, samples):
+        for row, texts in zip(rows, samples, strict=True):
             present = set(texts)
             points: dict[str, list[float]] = defaultdict(list)
             for a, b, outcome in by_prompt.get(row["id"], []):

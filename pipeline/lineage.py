@@ -190,11 +190,11 @@ class StageRun:
         return content_digest
 
     def _log_dataset(self, name: str, path: Path, content_digest: str, context: str = "input") -> None:
+        import warnings
+
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
-
-        import warnings
 
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
             warnings.simplefilter("ignore")

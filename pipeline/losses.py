@@ -154,7 +154,7 @@ def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, comple
     resp_width = max(b - a for a, b in spans)
     resp_ids = input_ids.new_full((2 * n, resp_width), pad_id)
     resp_mask = torch.zeros_like(resp_ids)
-    for j, (r, (a, b)) in enumerate(zip(order, spans)):
+    for j, (r, (a, b)) in enumerate(zip(order, spans, strict=True)):
         resp_ids[j, :b - a] = input_ids[r, a:b]
         resp_mask[j, :b - a] = 1
     resp_positions = plen.repeat_interleave(2)[:, None] + torch.arange(resp_width, device=input_ids.device)[None]

@@ -130,7 +130,7 @@ def build_rollout(rows: list[dict], prompts: list[list[int]], generated: list[Ge
     n = len(generated)
     ids = torch.full((n, width + length), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width + length), dtype=torch.long)
-    for i, (p, g) in enumerate(zip(prompts, generated)):
+    for i, (p, g) in enumerate(zip(prompts, generated, strict=True)):
         ids[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
         attention[i, width - len(p):width] = 1
         if g.ids:
@@ -204,14 +204,14 @@ def verifier_reward(rows: list[dict], texts: list[str]) -> Tensor:
     """Verifiable reward: 1 when the suite's verifier accepts the answer (right answer; the right call on a
     safety request; the reference for user rows), else 0. No model involved, nothing to exploit but the task."""
     _check_verifiable(rows)
-    return torch.tensor([float(verifier_correct(r, t)) for r, t in zip(rows, texts)])
+    return torch.tensor([float(verifier_correct(r, t)) for r, t in zip(rows, texts, strict=True)])
 
 
 def preference_reward(rows: list[dict], texts: list[str]) -> Tensor:
     """The verifier's full preference score (:func:`pipeline.judges.verifier_score`: correctness first, then
     no filler; 0 to 3): the judge ``collect`` uses, as a reward."""
     _check_verifiable(rows)
-    return torch.tensor([verifier_score(r, t) for r, t in zip(rows, texts)], dtype=torch.float)
+    return torch.tensor([verifier_score(r, t) for r, t in zip(rows, texts, strict=True)], dtype=torch.float)
 
 
 def _check_verifiable(rows: list[dict]) -> None:
@@ -231,7 +231,7 @@ def model_reward(reward_model, batch_size: int = 64) -> Scorer:
 
     @torch.no_grad()
     def score(rows: list[dict], texts: list[str]) -> Tensor:
-        ids = [render_ids(tok, r["messages"] + [{"role": "assistant", "content": t}]) for r, t in zip(rows, texts)]
+        ids = [render_ids(tok, r["messages"] + [{"role": "assistant", "content": t}]) for r, t in zip(rows, texts, strict=True)]
         out = []
         for lo in range(0, len(ids), batch_size):
             input_ids, mask = left_pad(ids[lo:lo + batch_size], tok.pad_token_id)
@@ -342,7 +342,7 @@ class OnlineModule(StageModule):
     def validation_step(self, items: list[dict], batch_idx: int) -> None:
         roll = self.sample(items, seed=self.seed, greedy=True)
         raw, _ = self.scores(roll)
-        correct = [verifier_correct(r, t) for r, t in zip(roll.rows, roll.texts) if has_verifier(r)]
+        correct = [verifier_correct(r, t) for r, t in zip(roll.rows, roll.texts, strict=True) if has_verifier(r)]
         self._val.append({"reward": raw.sum().item(), "n": len(roll), "length": roll.mask.sum().item(),
                           "correct": sum(correct), "verified": len(correct)})
 

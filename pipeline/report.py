@@ -40,7 +40,6 @@ TABLE = (
     ("test/latency_ms", "latency per prompt (ms)", "{:.1f}"),
     ("test/tokens_per_second", "tokens/s", "{:.0f}"),
 )
-ALIGNED = ("dpo", "ppo", "grpo")
 # Training curves: stage -> (plot file, x field, y fields).
 CURVES = (
     ("base", "loss.json", "step", ("train/loss",)),
@@ -129,7 +128,7 @@ def curve_charts(plots_dir: Path) -> list[tuple[str, str]]:
             continue
         rows = json.loads(path.read_text())
         fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 2.6), squeeze=False)
-        for ax, y in zip(axes[0], ys):
+        for ax, y in zip(axes[0], ys, strict=True):
             points = [(r[x], r[y]) for r in rows if y in r and x in r]
             ax.plot([p[0] for p in points], [p[1] for p in points])
             ax.set_xlabel(x)

@@ -20,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-import pipeline  # noqa: F401  (telemetry off before anything else loads)
 from omegaconf import DictConfig, OmegaConf
 
+import pipeline  # noqa: F401  (telemetry off before anything else loads)
 from pipeline.env import set_offline
 from pipeline.schema import STAGES, ConfigError, validate
 

@@ -32,11 +32,26 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import suite
 from pipeline.lineage import StageRun, stage_run
-from pipeline.models import (build_causal_lm, build_char_tokenizer, check_chat_template, count_parameters,
-                             load_tokenizer, ModelError)
+from pipeline.models import (
+    ModelError,
+    build_causal_lm,
+    build_char_tokenizer,
+    check_chat_template,
+    count_parameters,
+    load_tokenizer,
+)
 from pipeline.outputs import atomic_dir, stage_output, write_json
-from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
-                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
+from pipeline.training import (
+    StageModule,
+    StepBatches,
+    adamw_warmup_cosine,
+    batches_loader,
+    build_trainer,
+    checkpoint_dir,
+    clear_checkpoints,
+    resume_path,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 SOURCE_JSON = "source.json"

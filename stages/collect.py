@@ -107,7 +107,7 @@ def make_pairs(texts: list[str], scores: list[float | None], usable: list[bool],
     a tie (equal scores) is never a pair.
     """
     first: dict[str, int] = {}
-    for i, (text, score) in enumerate(zip(texts, scores)):
+    for i, (text, score) in enumerate(zip(texts, scores, strict=True)):
         if score is not None and usable[i]:
             first.setdefault(text, i)
     keep = list(first.values())
@@ -132,7 +132,7 @@ def build_pairs(collected: list[dict], scores: list[list[float | None]], judge: 
     sampling = {"k": c.k, "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
                 "seed": cfg.seed}
     pairs, candidates, ties, all_tie, unfinished = [], 0, 0, 0, 0
-    for item, row_scores in zip(collected, scores):
+    for item, row_scores in zip(collected, scores, strict=True):
         row, samples = item["row"], item["samples"]
         texts = [s["text"] for s in samples]
         usable = [s["finished"] or not c.drop_unfinished for s in samples]
@@ -225,8 +225,8 @@ def main(cfg: DictConfig) -> dict:
         # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.
         stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if v == v}
         samples = [{"prompt_id": c["row"]["id"], "prompt": prompt_text(c["row"]), "meta": c["row"].get("meta", {}),
-                    "samples": [{**s, "score": sc} for s, sc in zip(c["samples"], row_scores)]}
-                   for c, row_scores in zip(collected, scores)]
+                    "samples": [{**s, "score": sc} for s, sc in zip(c["samples"], row_scores, strict=True)]}
+                   for c, row_scores in zip(collected, scores, strict=True)]
         with atomic_dir(out) as tmp:
             write_atomic(tmp / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
             write_atomic(tmp / "samples.jsonl", "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))

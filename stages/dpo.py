@@ -44,8 +44,15 @@ from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.preferences import PreferenceData
 from pipeline.schema import ConfigError
-from pipeline.training import (StageModule, adamw_warmup_cosine, build_trainer,
-                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
+from pipeline.training import (
+    StageModule,
+    adamw_warmup_cosine,
+    build_trainer,
+    checkpoint_dir,
+    clear_checkpoints,
+    resume_path,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     completion = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, p) in enumerate(zip(rows, prompts)):
+    for i, (row, p) in enumerate(zip(rows, prompts, strict=True)):
         input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         attention[i, :len(row)] = 1
         completion[i, p:len(row)] = 1
@@ -173,7 +180,7 @@ def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: in
             context = reference_context(module.model) if hasattr(module.model, "disable_adapter") else contextlib.nullcontext()
             with context:
                 ref = module.response_logps(batch)[0]
-            for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
+            for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist(), strict=True):
                 it["ref_chosen"], it["ref_rejected"] = c, r
 
 

@@ -37,8 +37,8 @@ from pipeline import suite
 from pipeline.chat import InputError, encode, load_files, prompt_of
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_tokenizer
-from pipeline.plots import write_histogram
 from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
+from pipeline.plots import write_histogram
 
 SPLITS = ("train", "val", "test", "prompts")
 TOKENIZED_SPLITS = ("train", "val")

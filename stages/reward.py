@@ -42,8 +42,15 @@ from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.plots import write_histogram
 from pipeline.preferences import PreferenceData
 from pipeline.rewards import GATE_JSON, STATS_JSON, bradley_terry_loss, sequence_rewards
-from pipeline.training import (StageModule, adamw_warmup_cosine, build_trainer,
-                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
+from pipeline.training import (
+    StageModule,
+    adamw_warmup_cosine,
+    build_trainer,
+    checkpoint_dir,
+    clear_checkpoints,
+    resume_path,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,17 @@ from pipeline import adapters
 from pipeline.lineage import stage_run
 from pipeline.models import base_sources, load_causal_lm, load_tokenizer
 from pipeline.outputs import atomic_dir, stage_output, write_json
-from pipeline.training import (StageModule, StepBatches, adamw_warmup_cosine, batches_loader, build_trainer,
-                               checkpoint_dir, clear_checkpoints, resume_path, seed_everything)
+from pipeline.training import (
+    StageModule,
+    StepBatches,
+    adamw_warmup_cosine,
+    batches_loader,
+    build_trainer,
+    checkpoint_dir,
+    clear_checkpoints,
+    resume_path,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 Example = tuple[list[int], list[int]]
@@ -45,7 +54,7 @@ def load_tokenized(path: Path) -> list[Example]:
     tensors = load_file(str(path))
     offsets = tensors["offsets"].tolist()
     ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
-    return [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    return [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def pack(examples: list[Example], length: int) -> list[list[Example]]:
@@ -121,8 +130,6 @@ class SFTData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_items, batch_size=self.cfg.sft.batch_size, collate_fn=self._collate)
 
-    def train_tokens(self) -> int:
-        return sum(len(ids) for item in self.train_items for ids, _ in item)
 
 
 class SFTModule(StageModule):

@@ -77,6 +77,6 @@ def test_labels_cover_exactly_the_assistant_turns():
                 {"role": "assistant", "content": "5"}, {"role": "user", "content": "Now 4 and 4?"},
                 {"role": "assistant", "content": "8"}]
     ids, labels = encode(tok, messages)
-    trained = tok.decode([i for i, label in zip(ids, labels) if label != -100])
+    trained = tok.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
     assert trained == "5</s>8</s>"
-    assert all(label in (-100, i) for i, label in zip(ids, labels))
+    assert all(label in (-100, i) for i, label in zip(ids, labels, strict=True))

@@ -38,7 +38,7 @@ def test_greedy_decoding_equals_transformers_generate(arch):
     ours, _ = generate(model, tok, prompts(tok), max_new_tokens=12, batch_size=4, stop_ids=stop)
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stop,
                          pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
-    for mine, theirs in zip(ours, ref):
+    for mine, theirs in zip(ours, ref, strict=True):
         cut = next((n + 1 for n, t in enumerate(theirs) if t in stop), len(theirs))
         assert mine.ids == theirs[:cut]
         assert mine.finished == (cut < len(theirs) or theirs[-1] in stop)

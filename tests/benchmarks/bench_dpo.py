@@ -79,7 +79,7 @@ def run_ours(source: str, rows: list[dict], cfg, steps: int, warmup: int, precom
         for lo in range(0, len(items), cfg.dpo.batch_size):
             chunk = items[lo:lo + cfg.dpo.batch_size]
             ref = module.reference_logps(collate(chunk, tok.pad_token_id))
-            for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist()):
+            for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist(), strict=True):
                 it["ref_chosen"], it["ref_rejected"] = c, r
     data = StepBatches(len(items), cfg.dpo.batch_size, steps, cfg.seed,
                        lambda idx: collate([items[i] for i in idx], tok.pad_token_id))
