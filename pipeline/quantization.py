@@ -13,7 +13,7 @@ the merge). Methods (``quantize.method`` saves one, ``quantize.compare`` measure
 | ``int8_static_asym`` | the same | int8 symmetric per row | int8 with a calibrated zero point (asymmetric) | in-process |
 | ``int8_dynamic`` | torch ``quantize_dynamic`` | int8 per tensor | int8, scale computed per batch at run time | never: only pickle could save it |
 | ``bnb_int8`` | bitsandbytes LLM.int8() | int8 per row + fp16 outliers | fp16 | safetensors |
-| ``bnb_nf4`` | bitsandbytes NF4 | 4-bit normal-float, blocks of 64 | fp32 | safetensors |
+| ``bnb_nf4`` | bitsandbytes NF4 | 4-bit normal-float, blocks of 64 (layers the kernel cannot take stay fp32) | fp32 | safetensors |
 | ``int4_weight_only`` | torchao ``Int4WeightOnlyConfig`` | int4, groups of 128 | bf16 | safetensors; needs kernels this CPU build lacks (a clear message) |
 
 Static vs dynamic: a static method fixes the activation scale once, from activation ranges seen on a
@@ -21,6 +21,18 @@ calibration split (:func:`activation_ranges`, run through ``Trainer.predict``); 
 every batch at run time (no calibration, more work per call). Symmetric maps [-absmax, absmax] onto the
 int8 range around 0; asymmetric maps [min, max] with a zero point, which wastes no codes on one-sided
 ranges (the inputs of the MLP's down projection after SiLU gating lean positive).
+
+Layers a kernel cannot take. A method may declare a shape rule (:attr:`Method.fits`); a linear layer that
+breaks it stays in full precision, as bitsandbytes' and transformers' own skip lists do for output heads,
+and :func:`unfit_layers` names it with the reason (the quantize stage reports them). The rule is applied on
+every CPU, not only where the kernel would fail, so the same model quantizes to the same layers everywhere:
+bitsandbytes packs NF4 weights for its AVX-512 CPU kernel in groups of 32 output rows and whole 64-wide
+blocks of inputs, and fails on any other shape (a 16-wide key projection of a small model with grouped-query
+attention, a narrow adapter or classifier head), while its AVX2 path would run them.
+
+Failures. :func:`check_supported` reports only a known capability gap (a kernel library that is not
+installed, an operation not implemented for this device) as :class:`UnsupportedMethod`; any other exception
+is a failure of the method and propagates with its own message.
 """
 
 from __future__ import annotations
@@ -45,6 +57,18 @@ class UnsupportedMethod(RuntimeError):
     """A quantization method that this machine (hardware or installed kernels) cannot run."""
 
 
+def nf4_kernel_fits(in_features: int, out_features: int) -> str | None:
+    """Why bitsandbytes' packed NF4 CPU kernel cannot take a layer of this shape (None: it can)."""
+    if in_features % NF4_BLOCK or out_features % NF4_ROWS:
+        return (f"{in_features} -> {out_features}: the NF4 CPU kernel needs inputs in whole blocks of {NF4_BLOCK} "
+                f"and outputs in groups of {NF4_ROWS}")
+    return None
+
+
+NF4_BLOCK = 64  # bitsandbytes' 4-bit quantization block (inputs per absmax)
+NF4_ROWS = 32   # output rows its CPU kernel packs together
+
+
 @dataclass(frozen=True)
 class Method:
     """A quantization method: how to build it and what it is."""
@@ -54,6 +78,7 @@ class Method:
     saves: bool          # written as safetensors and loaded back with from_pretrained
     calibrated: bool     # needs activation ranges from a calibration split (static quantization)
     summary: str
+    fits: Callable[[int, int], str | None] | None = None  # (in, out) -> why a layer cannot be quantized, or None
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -63,7 +88,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("int8_static_asym", "torchao", False, True, "int8 weights; int8 activations with calibrated zero point"),
     Method("int8_dynamic", "torch", False, False, "int8 weights; activations quantized per batch at run time"),
     Method("bnb_int8", "bitsandbytes", True, False, "LLM.int8(): int8 weights per row, fp16 outliers"),
-    Method("bnb_nf4", "bitsandbytes", True, False, "4-bit normal-float weights in blocks of 64"),
+    Method("bnb_nf4", "bitsandbytes", True, False, "4-bit normal-float weights in blocks of 64", nf4_kernel_fits),
     Method("int4_weight_only", "torchao", True, False, "int4 weights in groups of 128"),
 )}
 
@@ -104,25 +129,75 @@ def merge_adapter(base_folder: str | Path, adapter_folder: str | Path):
 
 
 # --------------------------------------------------------------------------------------------- building
+# Exceptions and messages by which a library says it lacks a kernel or an operation on this machine; any
+# other exception is a failure of the method, not a capability gap.
+CAPABILITY_ERRORS = (ImportError, NotImplementedError)
+CAPABILITY_MESSAGES = ("not implemented for", "could not run", "no kernel", "not supported on", "is not compiled",
+                       "requires a gpu", "requires cuda", "cuda is not available")
+
+
+def is_capability_error(err: BaseException) -> bool:
+    """True when ``err`` says this machine lacks a kernel or operation (not that the method broke)."""
+    text = str(err).lower()
+    return isinstance(err, CAPABILITY_ERRORS) or any(m in text for m in CAPABILITY_MESSAGES)
+
+
 def check_supported(name: str) -> None:
     """Raise :class:`UnsupportedMethod`, saying why, when ``name`` cannot run on this machine.
 
     The check quantizes and runs one small linear layer with the method, so it reports what this exact
-    hardware and library build do, not what a table says.
+    hardware and library build do, not what a table says. Only a capability gap (:func:`is_capability_error`)
+    is "unsupported"; any other exception propagates unchanged: the method failed, and says why.
     """
     if name not in METHODS:
         raise UnsupportedMethod(f"unknown quantization method {name!r}; valid: {sorted(METHODS)}")
-    probe = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    probe = torch.nn.Sequential(torch.nn.Linear(256, 256)).eval()
     try:
         with torch.no_grad():
             _apply_in_place(name, probe, {"0": (torch.tensor(1.0), torch.tensor(-1.0))})(torch.randn(2, 3, 256))
-    except UnsupportedMethod:
-        raise
-    except Exception as err:  # the library's own words: a missing kernel, an unsupported CPU, ...
+    except Exception as err:
+        if not is_capability_error(err):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         device = "this CPU" if not torch.cuda.is_available() else "this machine"
         raise UnsupportedMethod(f"quantization method {name!r} ({METHODS[name].summary}) does not run on {device} "
                                 f"with the installed {METHODS[name].library}: {first}") from None
+
+
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear projection (output head excluded), by qualified name."""
+    shapes = {}
+    for fqn, module in linear_modules(model).items():
+        if isinstance(module, torch.nn.Linear):
+            shapes[fqn] = (module.in_features, module.out_features)
+        else:  # GPT-2's Conv1D stores its weight as (in, out)
+            shapes[fqn] = tuple(module.weight.shape)
+    return shapes
+
+
+def unfit_layers(name: str, model: torch.nn.Module) -> dict[str, str]:
+    """Linear layers of ``model`` that method ``name`` leaves in full precision, with the reason."""
+    rule = METHODS[name].fits
+    if rule is None:
+        return {}
+    reasons = {fqn: rule(*shape) for fqn, shape in linear_shapes(model).items()}
+    return {fqn: why for fqn, why in reasons.items() if why}
+
+
+def output_heads(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the output head (the module ``get_output_embeddings`` returns), if any."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [fqn for fqn, module in model.named_modules() if head is not None and module is head]
+
+
+def _skeleton(folder: str | Path, model_cfg=None) -> torch.nn.Module:
+    """The model of ``folder`` built on the meta device: its module shapes, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = bool(model_cfg is not None and model_cfg.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=remote)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
 
 
 def quantize_model(name: str, folder: str | Path, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -132,27 +207,35 @@ def quantize_model(name: str, folder: str | Path, ranges: dict[str, tuple[torch.
     Methods that save are quantized at load time through ``from_pretrained(quantization_config=...)``,
     the path whose ``save_pretrained`` writes safetensors that load back exactly; the others are applied to
     a loaded fp32 model in place. ``ranges`` (per linear layer: max and min of its input) are needed by the
-    static methods.
+    static methods. Layers the method's kernel cannot take (:func:`unfit_layers`) stay in full precision.
     """
     from pipeline.models import load_causal_lm
 
     method = METHODS[name]
     if method.calibrated and not ranges:
         raise ValueError(f"quantization method {name!r} needs activation ranges from a calibration split")
-    config = _load_time_config(name)
+    skip = []
+    if method.fits:
+        skeleton = _skeleton(folder, model_cfg)
+        unfit = unfit_layers(name, skeleton)
+        # A skip list replaces transformers' default one (the output head): name the head too.
+        skip = sorted(unfit) + output_heads(skeleton) if unfit else []
+    config = _load_time_config(name, skip)
     if config is not None:
         return load_causal_lm(folder, model_cfg, quantization_config=config, dtype=torch.float32).eval()
     model = load_causal_lm(folder, model_cfg, dtype=torch.float32).eval()
     return _apply_in_place(name, model, ranges or {})
 
 
-def _load_time_config(name: str):
-    """The ``from_pretrained`` quantization config of a saving method (None for in-process methods)."""
+def _load_time_config(name: str, skip: list[str] | None = None):
+    """The ``from_pretrained`` quantization config of a saving method (None for in-process methods); ``skip``
+    names linear layers to leave in full precision."""
+    skip = skip or []
     if name == "int8_weight_only":
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
 
-        return TorchAoConfig(Int8WeightOnlyConfig())
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip or None)
     if name == "int8_weight_only_asym":
         from torchao.quantization import IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerAxis
@@ -160,24 +243,31 @@ def _load_time_config(name: str):
         from transformers import TorchAoConfig
 
         return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0),
-                                                  mapping_type=MappingType.ASYMMETRIC))
+                                                  mapping_type=MappingType.ASYMMETRIC), modules_to_not_convert=skip or None)
     if name == "int4_weight_only":
         from torchao.quantization import Int4WeightOnlyConfig
         from transformers import TorchAoConfig
 
-        return TorchAoConfig(Int4WeightOnlyConfig(group_size=128))
+        return TorchAoConfig(Int4WeightOnlyConfig(group_size=128), modules_to_not_convert=skip or None)
     if name in ("bnb_int8", "bnb_nf4"):
+        import re
+
         from transformers import BitsAndBytesConfig
 
+        # Names are matched as regular expressions from the start of a module's name: escape them.
+        kept = [re.escape(fqn) for fqn in skip] or None
         if name == "bnb_int8":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=kept)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                  llm_int8_skip_modules=kept)
     return None
 
 
 def _apply_in_place(name: str, model: torch.nn.Module, ranges: dict) -> torch.nn.Module:
-    """Quantize the linear layers of an fp32 ``model`` by ``name`` in place (also used on the probe)."""
-    targets = linear_modules(model)
+    """Quantize the linear layers of an fp32 ``model`` by ``name`` in place (also used on the probe); layers
+    the method's kernel cannot take (:func:`unfit_layers`) stay in full precision."""
+    unfit = unfit_layers(name, model)
+    targets = {fqn: m for fqn, m in linear_modules(model).items() if fqn not in unfit}
     if name in ("int8_static", "int8_static_asym"):
         from torchao.quantization import FqnToConfig, quantize_
 
@@ -190,19 +280,19 @@ def _apply_in_place(name: str, model: torch.nn.Module, ranges: dict) -> torch.nn
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     config = _load_time_config(name)
     if name.startswith("bnb_"):
-        return _bnb_in_place(model, config)
+        return _bnb_in_place(model, config, targets)
     from torchao.quantization import quantize_
 
     quantize_(model, config.quant_type, filter_fn=lambda module, fqn: fqn in targets)
     return model
 
 
-def _bnb_in_place(model: torch.nn.Module, config) -> torch.nn.Module:
-    """bitsandbytes layers in place of the linear ones (the capability probe's path; the stage loads
-    through ``from_pretrained`` instead)."""
+def _bnb_in_place(model: torch.nn.Module, config, targets: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """bitsandbytes layers in place of the ``targets`` linear ones (the capability probe's path; the stage
+    loads through ``from_pretrained`` instead)."""
     import bitsandbytes as bnb
 
-    for fqn, module in linear_modules(model).items():
+    for fqn, module in targets.items():
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if config.load_in_8bit:
@@ -302,14 +392,14 @@ def model_bytes(model: torch.nn.Module) -> dict[str, int]:
     once per storage (tied embeddings once)."""
     seen: set[int] = set()
     memory = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for t in [*model.parameters(), *model.buffers()]:
         key = id(t)
         if key in seen:
             continue
         seen.add(key)
         memory += tensor_bytes(t)
     linear = 0
-    for fqn, module in quantized_linear_modules(model).items():
+    for module in quantized_linear_modules(model).values():
         size = module_weight_bytes(module)
         linear += size
         if callable(getattr(module, "weight", None)):

@@ -33,6 +33,7 @@ Run: ``python -m pipeline.run stage=evaluate``
 
 from __future__ import annotations
 
+import html
 import json
 import random
 from collections import defaultdict
@@ -164,14 +165,14 @@ class EvalModule(L.LightningModule):
                                temperature=self.cfg.temperature, top_p=self.cfg.top_p)
         self.gen_stats["new_tokens"] += stats["new_tokens"]
         self.gen_stats["seconds"] += stats["seconds"]
-        nll, counts = self.reference_nll([self.builder.with_reference(row, p) for (_, row), p in zip(batch, prompts)])
+        nll, counts = self.reference_nll([self.builder.with_reference(row, p) for (_, row), p in zip(batch, prompts, strict=True)])
         kls = self.kl_to_reference(prompts, [o.ids for o in outs]) if self.reference is not None else [None] * len(outs)
         sampled = [None] * len(outs)
         if self.cfg.sampled_accuracy:  # the same prompts sampled at temperature 1: what RL-style training sees
             sampled, _ = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
                                   stop_ids=self.builder.stop_ids(), do_sample=True, temperature=1.0,
                                   generator_seed=self.seed * 7919 + batch_idx)
-        for (i, row), out, n, c, kl, samp in zip(batch, outs, nll, counts, kls, sampled):
+        for (_, row), out, n, c, kl, samp in zip(batch, outs, nll, counts, kls, sampled, strict=True):
             meta = row["meta"]
             response = out.text.split("\n")[0].strip() if self.builder.variant.style == "plain" else out.text
             self.records.append({
@@ -191,7 +192,7 @@ class EvalModule(L.LightningModule):
     def kl_to_reference(self, prompts: list[list[int]], responses: list[list[int]]) -> list[tuple[float, int]]:
         """(summed KL(policy || reference) over the response's positions, positions) per row: the full
         next-token distributions of both models at every step of this variant's own answer."""
-        rows = [p + r for p, r in zip(prompts, responses)]
+        rows = [p + r for p, r in zip(prompts, responses, strict=True)]
         ids, mask = left_pad(rows, self.tok.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1)
@@ -417,8 +418,15 @@ def extra_sections(cfg: DictConfig) -> list[tuple[str, str]]:
                ("size/memory_bytes", "bytes in memory", "{:,.0f}"), ("speed/forward_ms", "forward (ms)", "{:.1f}"),
                ("speed/tokens_per_second", "generation tokens/s", "{:.0f}"), ("test/perplexity", "perplexity", "{:.3f}"),
                ("test/accuracy", "accuracy", "{:.1%}"), ("test/accuracy_delta", "accuracy vs fp32", "{:+.1%}"))
-    methods = json.loads(path.read_text())["methods"]
-    return [("Quantization (quantize stage)", report.table_html(methods, columns, "quantize"))]
+    found = json.loads(path.read_text())
+    body = report.table_html(found["methods"], columns, "quantize")
+    for status in ("unsupported", "failed"):
+        for name, why in found.get(status, {}).items():
+            body += f"<p>{html.escape(name)}: {status}: {html.escape(why)}</p>"
+    for name, layers in found.get("fp32_layers", {}).items():
+        if layers:
+            body += f"<p>{html.escape(name)} keeps {len(layers)} layer(s) in fp32: {html.escape(', '.join(sorted(layers)))}</p>"
+    return [("Quantization (quantize stage)", body)]
 
 
 def run_lm_eval(cfg: DictConfig, chosen: list[Variant]) -> dict[str, dict[str, float]]:

@@ -12,14 +12,17 @@ Steps:
 2. static methods are calibrated: ``quantize.calibration_rows`` rows of the ``val`` split go through the
    fp32 model in ``Trainer.predict`` while hooks record each linear layer's input range;
 3. every method of ``quantize.compare`` is built and measured the same way; one this machine cannot run
-   (int4 on this CPU) is reported with the reason, not a crash;
+   (int4 on this CPU) is reported as unsupported with the reason, one that breaks as failed with its error
+   (only the saved method's failure stops the stage); layers a method's kernel cannot take stay in fp32
+   and are named in ``report.json`` (``fp32_layers``);
 4. ``quantize.method`` is saved to ``data/quantize/`` (safetensors, its quantization config in
    ``config.json``), loaded back with ``from_pretrained`` and checked to give exactly the outputs it gave
    before saving.
 
 Inputs: ``data/<quantize.source>``, ``data/prepare`` (test and val splits); ``quantize.*``, ``seed``.
 Outputs: ``data/quantize/`` (quantized HF folder, tokenizer, ``report.json``, ``run.json``),
-``data/metrics/quantize.json`` (method -> metrics), ``data/plots/quantize/methods.csv``. Each method is
+``data/metrics/quantize.json`` (method -> metrics; unsupported and failed methods carry only
+``quantize/status``), ``data/plots/quantize/methods.csv``. Each method is
 also an MLflow child run of the quantize run, with the same metric names, so the UI compares them.
 Run: ``python -m pipeline.run stage=quantize [quantize.method=bnb_nf4 quantize.source=grpo]``
 """
@@ -157,7 +160,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def main(cfg: DictConfig) -> dict:
-    """Run the quantize stage; return {method: metrics}."""
+    """Run the quantize stage; return {method: metrics} (what ``data/metrics/quantize.json`` holds)."""
     from pipeline.training import seed_everything
     from stages.evaluate import read_jsonl
 
@@ -185,21 +188,34 @@ def main(cfg: DictConfig) -> dict:
         ranges = None
         if any(Q.METHODS[m].calibrated for m in methods):
             ranges = calibrate(fp32_model, tokenizer, calibration_rows, cfg)
+        kept_fp32 = {name: Q.unfit_layers(name, fp32_model) for name in methods}
         del fp32_model
         unsupported: dict[str, str] = {}
+        failed: dict[str, str] = {}
         saved_model = None
         for name in methods:
             try:
                 Q.check_supported(name)
+                seed_everything(cfg)
+                start = time.time()
+                model = Q.quantize_model(name, source, ranges, cfg.model)
+                results[name] = {"quantize/seconds": round(time.time() - start, 2),
+                                 "quantize/fp32_layers": len(kept_fp32[name]),
+                                 **measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])}
             except Q.UnsupportedMethod as err:
                 log.warning("quantize: %s", err)
                 unsupported[name] = str(err)
                 continue
-            seed_everything(cfg)
-            start = time.time()
-            model = Q.quantize_model(name, source, ranges, cfg.model)
-            results[name] = {"quantize/seconds": round(time.time() - start, 2),
-                             **measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])}
+            except Exception as err:
+                if name == q.method:  # the method to save: nothing to write without it
+                    raise
+                log.exception("quantize: %s failed; the other methods go on", name)
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                failed[name] = f"{type(err).__name__}: {first}"
+                continue
+            if kept_fp32[name]:
+                log.info("quantize: %s keeps %d layer(s) in fp32 (its kernel cannot take them): %s", name,
+                         len(kept_fp32[name]), ", ".join(sorted(kept_fp32[name])))
             if name == q.method:
                 saved_model = model
         with atomic_dir(out) as tmp:
@@ -214,13 +230,17 @@ def main(cfg: DictConfig) -> dict:
             saved["size/disk_ratio"] = round(saved["size/disk_bytes"] / results[FP32]["size/disk_bytes"], 4)
             saved["quantize/roundtrip_max_abs_diff"] = diff
             write_json(tmp / "report.json", {
-                "source": q.source, "saved_method": q.method, "unsupported": unsupported,
+                "source": q.source, "saved_method": q.method, "unsupported": unsupported, "failed": failed,
+                "fp32_layers": {name: kept_fp32[name] for name in results if name != FP32},
                 "methods": {name: {"summary": Q.METHODS[name].summary if name in Q.METHODS else "unquantized",
                                    "library": Q.METHODS[name].library if name in Q.METHODS else "torch", **metrics}
                             for name, metrics in results.items()}})
             run.write_run_json(tmp, method=q.method, source=q.source)
         run.add_output("quantize", out)
-        write_json(Path(cfg.paths.metrics) / "quantize.json", results)
+        status = {**{name: {"quantize/status": "unsupported"} for name in unsupported},
+                  **{name: {"quantize/status": "failed"} for name in failed}}
+        metrics_file = {**results, **status}
+        write_json(Path(cfg.paths.metrics) / "quantize.json", metrics_file)
         write_methods_plot(results, Path(cfg.paths.plots) / "quantize" / "methods.csv")
         for name, metrics in results.items():
             child = run.child(name, tags={"posttrain.quantization": name})
@@ -231,7 +251,7 @@ def main(cfg: DictConfig) -> dict:
         log.info("quantize: %s keeps accuracy %.3f (fp32 %.3f), linear weights at %.1f%% of fp32, %s bytes on disk",
                  q.method, saved["test/accuracy"], results[FP32]["test/accuracy"], 100 * saved["size/linear_ratio"],
                  saved["size/disk_bytes"])
-    return results
+    return metrics_file
 
 
 def write_methods_plot(results: dict, path: Path) -> None:

@@ -115,18 +115,29 @@ def save_tiny_model(folder: Path, arch: str, with_template: bool = True) -> Path
     return folder
 
 
+def save_tiny_config_model(folder: Path, config_class: str, **fields) -> Path:
+    """A tiny random causal LM built from a transformers config class (``LlamaConfig``, ``Qwen2Config``, ...)
+    with ``fields``, sized for the character tokenizer, saved with save_pretrained (safetensors)."""
+    import torch
+    import transformers
+
+    from pipeline.models import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **fields)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sft_chain(smoke_chain, tmp_path_factory) -> Path:
     """The smoke chain through sft (a copy of ``smoke_chain`` plus the sft stage), shared read-only."""
-    workdir = tmp_path_factory.mktemp("sft_chain")
-    shutil.copytree(smoke_chain, workdir, dirs_exist_ok=True)
-    old = os.getcwd()
-    os.chdir(workdir)
-    try:
-        run_stage("sft")
-    finally:
-        os.chdir(old)
-    return workdir
+    return extend_chain(smoke_chain, "sft_chain", tmp_path_factory, ("sft",))
 
 
 def copy_chain(chain: Path, dest: Path) -> Path:
@@ -135,15 +146,33 @@ def copy_chain(chain: Path, dest: Path) -> Path:
     return dest
 
 
+def extend_chain(chain: Path, name: str, tmp_path_factory, *stages: tuple[str, ...]) -> Path:
+    """A copy of ``chain`` with further stages run in it in-process, each ``(stage, *overrides)``."""
+    workdir = copy_chain(chain, tmp_path_factory.mktemp(name))
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        for stage, *overrides in stages:
+            run_stage(stage, *overrides)
+    finally:
+        os.chdir(old)
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def pairs_chain(sft_chain, tmp_path_factory) -> Path:
     """The smoke chain through collect, judged by the shipped brevity function (the smoke policy is too weak
     for the verifier to separate its samples), shared read-only."""
-    workdir = copy_chain(sft_chain, tmp_path_factory.mktemp("pairs_chain"))
-    old = os.getcwd()
-    os.chdir(workdir)
-    try:
-        run_stage("collect", "judge=function")
-    finally:
-        os.chdir(old)
-    return workdir
+    return extend_chain(sft_chain, "pairs_chain", tmp_path_factory, ("collect", "judge=function"))
+
+
+@pytest.fixture(scope="session")
+def reward_chain(pairs_chain, tmp_path_factory) -> Path:
+    """The smoke chain through the reward stage (on the brevity pairs), shared read-only."""
+    return extend_chain(pairs_chain, "reward_chain", tmp_path_factory, ("reward",))
+
+
+@pytest.fixture(scope="session")
+def dpo_chain(pairs_chain, tmp_path_factory) -> Path:
+    """The smoke chain through dpo with its default settings (no reward model), shared read-only."""
+    return extend_chain(pairs_chain, "dpo_chain", tmp_path_factory, ("dpo",))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_chain, run_stage, save_tiny_model
+from conftest import copy_chain, run_stage, save_tiny_config_model, save_tiny_model
 from pipeline import quantization as Q
 from pipeline.schema import QUANT_METHODS, ConfigError
 
@@ -22,23 +22,100 @@ def test_every_schema_method_is_described_here():
     assert set(Q.METHODS) == set(QUANT_METHODS)
 
 
+def save_gqa_llama(folder: Path) -> Path:
+    """A tiny Llama with one key-value head: its key and value projections (64 -> 16) are narrower than the
+    NF4 CPU kernel's groups of 32 output rows, as small heads, adapters and classifier heads of real models
+    are; every other projection fits the kernel."""
+    return save_tiny_config_model(folder, "LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                                  tie_word_embeddings=True)
+
+
+NARROW = {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj")}
+
+
 @pytest.mark.parametrize("method", ["int8_weight_only", "int8_weight_only_asym", "bnb_nf4"])
 def test_saved_methods_load_back_exactly_and_shrink_the_linear_weights(tmp_path, method):
     from pipeline.models import load_causal_lm
 
-    source = save_tiny_model(tmp_path / "fp32", "llama")
+    source = save_gqa_llama(tmp_path / "fp32")
     fp32 = load_causal_lm(source).eval()
     quantized = Q.quantize_model(method, source)
+    kept = set(Q.unfit_layers(method, fp32))
+    assert kept == (NARROW if method == "bnb_nf4" else set())
+    layers = Q.quantized_linear_modules(quantized)
+    for fqn in kept:                                                # left in full precision, untouched
+        assert full_precision(layers[fqn]) and torch.equal(layers[fqn].weight, fp32.get_submodule(fqn).weight)
+    assert not any(full_precision(m) for fqn, m in layers.items() if fqn not in kept)
     quantized.save_pretrained(tmp_path / method, safe_serialization=True)
     assert not list((tmp_path / method).glob("*.bin")), "weights must be safetensors, never pickle"
     reloaded = load_causal_lm(tmp_path / method).eval()
-    with torch.no_grad():
+    with torch.no_grad():                                           # eval, no grad: the CPU kernels' inference path
         before, after, reference = (m(input_ids=probe_ids()).logits for m in (quantized, reloaded, fp32))
     assert torch.equal(before, after)                               # the round trip is exact
     assert 0 < (before - reference).abs().max() < 1.0               # quantized: close to fp32, not equal
-    ratio = Q.model_bytes(quantized)["linear"] / Q.model_bytes(fp32)["linear"]
+    fp32_layers = Q.quantized_linear_modules(fp32)
+    ratio = (sum(Q.module_weight_bytes(m) for fqn, m in layers.items() if fqn not in kept)
+             / sum(Q.module_weight_bytes(m) for fqn, m in fp32_layers.items() if fqn not in kept))
     assert ratio <= (0.2 if method == "bnb_nf4" else 0.4), ratio
     assert Q.folder_bytes(tmp_path / method) < Q.folder_bytes(source)
+
+
+def full_precision(module: torch.nn.Module) -> bool:
+    """A plain fp32 linear layer: neither swapped for a library's module nor holding a quantized tensor."""
+    return (type(module) is torch.nn.Linear and type(module.weight.data) is torch.Tensor
+            and module.weight.dtype == torch.float32)
+
+
+def test_the_nf4_kernel_rule_by_hand():
+    assert Q.nf4_kernel_fits(64, 32) is None and Q.nf4_kernel_fits(128, 96) is None
+    assert "groups of 32" in Q.nf4_kernel_fits(64, 16)              # 16 output rows: half a group
+    assert "blocks of 64" in Q.nf4_kernel_fits(32, 32)              # 32 inputs: half a block
+    assert Q.nf4_kernel_fits(96, 128) is not None                   # one and a half blocks
+
+
+def test_only_a_missing_kernel_is_unsupported_any_other_error_is_a_failure(monkeypatch):
+    def raising(err):
+        def apply(*args, **kwargs):
+            raise err
+        return apply
+
+    for gap in (ImportError("Requires mslk >= 1.0.0"), NotImplementedError("int4 matmul"),
+                RuntimeError("'_weight_int4pack_mm_cpu' not implemented for 'Float'")):
+        monkeypatch.setattr(Q, "_apply_in_place", raising(gap))
+        with pytest.raises(Q.UnsupportedMethod, match="does not run on"):
+            Q.check_supported("int4_weight_only")
+    for bug in (RuntimeError("shape '[32, 0]' is invalid for input of size 16"), AssertionError("N must be divisible"),
+                ValueError("bad scale")):
+        monkeypatch.setattr(Q, "_apply_in_place", raising(bug))
+        with pytest.raises(type(bug)) as raised:
+            Q.check_supported("bnb_nf4")
+        assert type(raised.value) is type(bug) and not isinstance(raised.value, Q.UnsupportedMethod)
+
+
+def test_every_method_runs_or_is_unsupported_none_fails_on_a_model_with_narrow_layers(tmp_path):
+    """Each method quantizes the tiny model and runs its forward pass in inference mode (where bitsandbytes'
+    AVX-512 kernel used to fail on narrow layers); only a capability gap may excuse a method."""
+    from pipeline.models import load_causal_lm
+
+    source = save_gqa_llama(tmp_path / "fp32")
+    fp32 = load_causal_lm(source).eval()
+    observer = Q.RangeObserver(fp32)
+    with torch.no_grad():
+        reference = fp32(input_ids=probe_ids()).logits
+    observer.remove()
+    unsupported = []
+    for name, method in Q.METHODS.items():
+        try:
+            Q.check_supported(name)
+        except Q.UnsupportedMethod:
+            unsupported.append(name)
+            continue
+        model = Q.quantize_model(name, source, observer.ranges if method.calibrated else None)
+        with torch.no_grad():
+            logits = model(input_ids=probe_ids()).logits
+        assert 0 < (logits - reference).abs().max() < 1.0, name
+    assert set(unsupported) <= {"int4_weight_only"}, unsupported     # no kernel for it on a CPU without mslk
 
 
 def test_sizes_by_hand_for_int8_weight_only(tmp_path):
@@ -147,26 +224,79 @@ def test_a_prompt_learning_output_has_nothing_to_merge(tmp_path):
         Q.merged_source(folder)
 
 
-def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(pairs_chain, tmp_path, monkeypatch):
+def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(dpo_chain, tmp_path, monkeypatch):
     from pipeline.models import load_causal_lm
 
-    work = copy_chain(pairs_chain, tmp_path / "chain")
+    work = copy_chain(dpo_chain, tmp_path / "chain")
     monkeypatch.chdir(work)
-    run_stage("dpo")
-    results = run_stage("quantize", values={"quantize.compare": ["int8_weight_only", "int8_static", "int8_dynamic",
-                                                                 "int4_weight_only"]})
-    assert {"fp32", "int8_weight_only", "int8_static", "int8_dynamic"} <= set(results)
-    saved = results["int8_weight_only"]
-    assert saved["size/linear_ratio"] <= 0.4 and saved["size/disk_bytes"] < results["fp32"]["size/disk_bytes"]
+    real = Q.quantize_model
+
+    def breaks_asym(name, *args, **kwargs):  # a compared method that fails: reported, and the stage goes on
+        if name == "int8_static_asym":
+            raise ValueError("scale out of range")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(Q, "quantize_model", breaks_asym)
+    results = run_stage("quantize", values={"quantize.compare": ["int8_weight_only", "int8_static", "int8_static_asym",
+                                                                 "int8_dynamic", "int4_weight_only"]})
+    measured = {name: m for name, m in results.items() if "quantize/status" not in m}
+    assert {"fp32", "int8_weight_only", "int8_static", "int8_dynamic"} <= set(measured)
+    saved = measured["int8_weight_only"]
+    assert saved["size/linear_ratio"] <= 0.4 and saved["size/disk_bytes"] < measured["fp32"]["size/disk_bytes"]
     assert saved["quantize/roundtrip_max_abs_diff"] == 0.0
-    for name, metrics in results.items():
+    for metrics in measured.values():
         assert 0.0 <= metrics["test/accuracy"] <= 1.0 and metrics["test/perplexity"] > 1.0
         assert metrics["speed/forward_ms"] > 0 and metrics["speed/tokens_per_second"] > 0
     report = json.loads(Path("data/quantize/report.json").read_text())
-    if "int4_weight_only" not in results:
+    assert report["failed"] == {"int8_static_asym": "ValueError: scale out of range"}
+    assert results["int8_static_asym"] == {"quantize/status": "failed"}
+    if "int4_weight_only" not in measured:
         assert "int4_weight_only" in report["unsupported"]
+        assert results["int4_weight_only"] == {"quantize/status": "unsupported"}
     assert json.loads(Path("data/metrics/quantize.json").read_text()) == json.loads(json.dumps(results))
     model = load_causal_lm("data/quantize")                      # an ordinary from_pretrained
     assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
     evaluated = run_stage("evaluate", values={"evaluate.variants": ["sft", "quantize"], "evaluate.sampled_accuracy": False})
     assert "test/kl_to_sft" in evaluated["quantize"]
+    page = Path("data/evaluate/report.html").read_text()
+    assert "int8_static_asym: failed: ValueError: scale out of range" in page
+
+
+def test_the_saved_method_failing_stops_the_stage_and_writes_nothing(dpo_chain, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy_chain(dpo_chain, tmp_path / "chain"))
+
+    def broken(name, *args, **kwargs):
+        raise ValueError("scale out of range")
+
+    monkeypatch.setattr(Q, "quantize_model", broken)
+    with pytest.raises(ValueError, match="scale out of range"):
+        run_stage("quantize", values={"quantize.compare": []})
+    assert not Path("data/quantize").exists() and not Path("data/metrics/quantize.json").exists()
+
+
+TIMINGS = ("seconds", "latency", "speed/", "per_second", "_ms")  # the machine's speed, not the model's
+
+
+def model_metrics(path: Path) -> dict:
+    """A metrics file without its timings, flattened to ``method/key``."""
+    flat = {}
+    for name, metrics in json.loads(path.read_text()).items():
+        for key, value in metrics.items():
+            if not any(t in key for t in TIMINGS):
+                flat[f"{name}/{key}"] = value
+    return flat
+
+
+def test_same_seed_same_quantize_and_evaluate_metrics(dpo_chain, tmp_path, monkeypatch):
+    """Twice from the same inputs and config: calibration, every quantized model's accuracy and perplexity,
+    greedy and sampled answers, win rates and KL come out identical (timings aside)."""
+    runs = []
+    for attempt in ("first", "second"):
+        monkeypatch.chdir(copy_chain(dpo_chain, tmp_path / attempt))
+        run_stage("quantize", values={"quantize.compare": ["int8_weight_only", "int8_static"]})
+        run_stage("evaluate", values={"evaluate.variants": ["sft", "dpo", "quantize"]})
+        runs.append({name: model_metrics(Path(f"data/metrics/{name}.json")) for name in ("quantize", "evaluate")}
+                    | {"generations": Path("data/evaluate/generations.jsonl").read_text()})
+    first, second = runs
+    assert first["quantize"] and first["evaluate"] and first["generations"]
+    assert first == second
