@@ -181,11 +181,19 @@ def make_handler(store: LabelStore):
     return Handler
 
 
+class LabelServer(ThreadingHTTPServer):
+    """One thread per request; a listen backlog for bursts (the standard library's 5 resets connections when
+    a page and a script post at once); handler threads never keep the process alive."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def serve(samples: str | Path, labels: str | Path, host: str = "127.0.0.1", port: int = 8765, per_prompt: int = 1,
           seed: int = 0) -> ThreadingHTTPServer:
     """A ready server (call ``serve_forever``); port 0 picks a free one (``server.server_address``)."""
     store = LabelStore(labels, load_pairs(samples, per_prompt, seed))
-    server = ThreadingHTTPServer((host, port), make_handler(store))
+    server = LabelServer((host, port), make_handler(store))
     server.store = store
     return server
 
@@ -202,7 +210,7 @@ def main() -> None:
     try:
         server = serve(args.samples, args.labels, args.host, args.port, args.pairs_per_prompt, args.seed)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     host, port = server.server_address[:2]
     print(f"labelling {len(server.store.pairs)} pairs at http://{host}:{port}/ -> {args.labels}", flush=True)
     try:

@@ -11,8 +11,7 @@ import torch
 
 from conftest import compose, copy_chain, run_stage, save_tiny_model
 from pipeline.chat import InputError
-from pipeline.judges import (FunctionJudge, LLMJudge, read_labels, resolve_labels,
-                             verifier_score)
+from pipeline.judges import FunctionJudge, LLMJudge, read_labels, resolve_labels, verifier_score
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.schema import ConfigError
 from stages.collect import make_pairs
@@ -203,20 +202,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def collected(sft_chain, tmp_path_factory):
-    """The collect stage run on the smoke chain with the shipped example function judge (brevity): the
-    smoke policy is too weak for the verifier to tell its samples apart."""
-    workdir = copy_chain(sft_chain, tmp_path_factory.mktemp("collect"))
-    old = Path.cwd()
-    import os
-
-    os.chdir(workdir)
-    try:
-        stats = run_stage("collect", "judge=function")
-    finally:
-        os.chdir(old)
-    return workdir, stats
+@pytest.fixture()
+def collected(pairs_chain):
+    """The collect stage's outputs on the smoke chain (the session's ``pairs_chain``: judged by the shipped
+    brevity function; the smoke policy is too weak for the verifier to tell its samples apart)."""
+    return pairs_chain, json.loads((pairs_chain / "data/metrics/collect.json").read_text())
 
 
 def test_collect_writes_valid_pairs_with_provenance_and_stats(collected):
@@ -236,8 +226,6 @@ def test_collect_writes_valid_pairs_with_provenance_and_stats(collected):
     assert stats["collect/all_tie_prompts"] == sum(
         len({x["score"] for x in s["samples"] if x["finished"]}) == 1
         and len({x["text"] for x in s["samples"] if x["finished"]}) > 1 for s in by_prompt.values())
-    metrics = json.loads((workdir / "data/metrics/collect.json").read_text())
-    assert metrics == stats
     csv = (workdir / "data/plots/collect/lengths.csv").read_text().splitlines()
     assert csv[0] == "characters,chosen,rejected"
     assert sum(int(line.split(",")[1]) for line in csv[1:]) == len(pairs)
@@ -245,11 +233,14 @@ def test_collect_writes_valid_pairs_with_provenance_and_stats(collected):
 
 
 def test_same_seed_same_pairs(collected, tmp_path, monkeypatch):
-    workdir, _ = collected
+    workdir, stats = collected
     again = copy_chain(workdir, tmp_path / "again")
     monkeypatch.chdir(again)
-    run_stage("collect", "judge=function")
+    rerun = run_stage("collect", "judge=function")
     assert (again / "data/collect/pairs.jsonl").read_text() == (workdir / "data/collect/pairs.jsonl").read_text()
+    assert rerun == json.loads(Path("data/metrics/collect.json").read_text())   # what it returns is what it wrote
+    timing = ("collect/tokens_per_second", "collect/sampling_seconds", "collect/judge_seconds")  # the machine's speed
+    assert {k: v for k, v in rerun.items() if k not in timing} == {k: v for k, v in stats.items() if k not in timing}
     run_stage("collect", "judge=function", "seed=7")
     assert (again / "data/collect/pairs.jsonl").read_text() != (workdir / "data/collect/pairs.jsonl").read_text()
 

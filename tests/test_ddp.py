@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import copy_chain, run_stage
 
 
+@pytest.mark.slow  # two gloo processes, each importing the stack and training
 def test_sft_trains_with_ddp_in_two_cpu_processes(smoke_chain, tmp_path, monkeypatch):
     import torch
 
@@ -15,7 +18,7 @@ def test_sft_trains_with_ddp_in_two_cpu_processes(smoke_chain, tmp_path, monkeyp
     assert metrics["train/world_size"] == 2                     # two gloo processes trained
     assert metrics["val/perplexity"] < metrics["val/perplexity_before"]
     trained, base = load_causal_lm("data/sft"), load_causal_lm("data/base")
-    changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    changed = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters(), strict=True) if not torch.equal(p, q)]
     assert changed                                              # the merged adapter moved the weights
 
 

@@ -46,10 +46,11 @@ def test_every_configurable_loss_exists_and_matches_its_equation_by_hand():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shared_prompt_forward_equals_the_plain_forward_in_values_and_gradients(arch):
+    from test_generation import tiny
+
     from pipeline.losses import shared_prompt_logps
     from pipeline.preferences import tokenize_pair
     from stages.dpo import collate
-    from test_generation import tiny
 
     model, tok = tiny(arch)
     model.train()
@@ -102,15 +103,14 @@ def tiny_policy(tmp_path_factory):
 
 @pytest.mark.parametrize("share_prompt", [False, True])
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
-def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss, share_prompt):
+def test_loss_and_gradients_match_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss, share_prompt):
     from datasets import Dataset
     from omegaconf import OmegaConf
     from trl import DPOConfig, DPOTrainer
 
-    from stages.dpo import DPOModule, collate
-    from pipeline.preferences import tokenize_pair
-
     from pipeline.models import load_causal_lm
+    from pipeline.preferences import tokenize_pair
+    from stages.dpo import DPOModule, collate
 
     model, tok, folder = tiny_policy
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
@@ -124,8 +124,12 @@ def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, t
                          train_dataset=Dataset.from_list(rows), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     model.eval()
-    with torch.no_grad():
-        theirs = trainer.compute_loss(model, batch).item()
+    model.zero_grad()
+    theirs = trainer.compute_loss(model, batch)
+    theirs.backward()
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    their_grads = {name: p.grad.clone() for name, p in trained.items()}
+    model.zero_grad()
 
     # Ours: our own tokenization and batch of the same pairs, our forward passes, our loss.
     items = []
@@ -138,10 +142,17 @@ def test_loss_matches_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, t
         assert torch.equal(ours_batch[key], batch[key]), key      # the same batch, token for token
     cfg = OmegaConf.create({"dpo": {"loss": loss, "beta": 0.3, "label_smoothing": 0.0, "simpo_gamma": 0.5,
                                     "rpo_alpha": 1.0, "orpo_lambda": 0.1, "share_prompt": share_prompt}})
-    with torch.no_grad():
-        ours, metrics = DPOModule(model, cfg, tok.pad_token_id).step_metrics(ours_batch)
-    assert abs(ours.item() - theirs) < 1e-5
+    ours, metrics = DPOModule(model, cfg, tok.pad_token_id).step_metrics(ours_batch)
+    ours.backward()
+    assert abs(ours.item() - theirs.item()) < 1e-5
     assert metrics["kl"].abs() > 0                                # policy and reference really differ
+    # The same gradients on every trained (adapter) parameter, to float32 rounding of differently laid-out
+    # batches (1e-4 of each tensor's largest entry; a wrong beta or sign is off by tens of percent), not all zero.
+    assert max(g.abs().max().item() for g in their_grads.values()) > 1e-4
+    for name, p in trained.items():
+        scale = their_grads[name].abs().max().item()
+        assert (p.grad - their_grads[name]).abs().max().item() <= 1e-4 * scale + 1e-9, name
+    model.zero_grad()
 
 
 def test_full_fine_tuning_with_the_disabled_adapter_reference_is_refused(sft_chain, tmp_path, monkeypatch):
@@ -151,12 +162,17 @@ def test_full_fine_tuning_with_the_disabled_adapter_reference_is_refused(sft_cha
 
 
 @pytest.mark.parametrize("overrides", [(), ("dpo.reference=disable_adapter", "dpo.loss=ipo"), ("dpo.loss=simpo",), ("peft=none",)])
-def test_stage_trains_on_the_collected_pairs_and_saves_a_merged_model_and_adapter(pairs_chain, tmp_path, monkeypatch,
-                                                                                   overrides):
+def test_stage_trains_on_the_collected_pairs_and_saves_a_merged_model_and_adapter(pairs_chain, dpo_chain, tmp_path,
+                                                                                   monkeypatch, overrides):
     from safetensors.torch import load_file
 
-    monkeypatch.chdir(copy_chain(pairs_chain, tmp_path / "w"))
-    metrics = run_stage("dpo", *overrides)
+    if overrides:
+        monkeypatch.chdir(copy_chain(pairs_chain, tmp_path / "w"))
+        metrics = run_stage("dpo", *overrides)
+        assert metrics == json.loads(Path("data/metrics/dpo.json").read_text())
+    else:  # the default settings: the session's shared run (test_quantize quantizes the same model)
+        monkeypatch.chdir(dpo_chain)
+        metrics = json.loads(Path("data/metrics/dpo.json").read_text())
     assert metrics["val/loss"] < metrics["val/loss_before"]              # it learned the held-out preferences
     assert metrics["train/pairs"] > 0 and metrics["val/pairs"] > 0
     out = Path("data/dpo")

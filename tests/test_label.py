@@ -56,10 +56,54 @@ def test_bad_choices_and_unknown_pairs_change_nothing(tmp_path):
     assert store.state("ana")["done"] == 1 and store.state("bo")["done"] == 0   # per annotator
 
 
+def test_concurrent_posts_append_whole_lines_and_each_accepted_request_exactly_once(tmp_path):
+    """Many labels posted at once, long reasons included: every line of the file parses, and the lines are
+    exactly the accepted requests, each once (one write per line on an O_APPEND file, under a lock)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.label import CHOICES, serve
+
+    labels = tmp_path / "labels.jsonl"
+    server = serve(write_samples(tmp_path / "samples.jsonl"), labels, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    sent = [{"pair_id": p.pair_id, "choice": CHOICES[i % len(CHOICES)], "annotator": f"annotator-{i}",
+             "reason": f"reason {i} " + "x" * (i * 7 % 480)} for i in range(60) for p in server.store.pairs]
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            answers = list(pool.map(lambda body: post(port, body)[0], sent))
+    finally:
+        server.shutdown()
+        server.server_close()
+    accepted = [body for body, status in zip(sent, answers, strict=True) if status == 200]
+    assert len(accepted) == len(sent) == 300                         # every request answered and accepted
+    written = [json.loads(line) for line in labels.read_text().splitlines()]  # every line parses
+    key = lambda r: (r["annotator"], r["pair_id"], r["choice"], r["reason"].strip())
+    assert sorted(map(key, written)) == sorted(map(key, accepted))   # each accepted request exactly once
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on ``port`` (Linux's /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
 
 
 def start_server(cwd: Path, port: int) -> subprocess.Popen:
@@ -71,7 +115,7 @@ def start_server(cwd: Path, port: int) -> subprocess.Popen:
             return proc
         except (urllib.error.URLError, ConnectionError):
             if proc.poll() is not None:
-                raise AssertionError(f"label server exited: {proc.stdout.read()}")
+                raise AssertionError(f"label server exited: {proc.stdout.read()}") from None
             time.sleep(0.1)
     raise AssertionError("label server did not start")
 
@@ -96,7 +140,8 @@ def test_label_with_the_keyboard_kill_restart_resume_and_import(pairs_chain, tmp
     port = free_port()
     server = start_server(work, port)
     try:
-        assert server.args[-1] == str(port)
+        assert f"at http://127.0.0.1:{port}/" in server.stdout.readline()   # what it announces ...
+        assert listening_addresses(port) == {"127.0.0.1"}                  # ... is the only address it binds
         with browser_page() as page:
             page.goto(f"http://127.0.0.1:{port}/")
             page.fill("#name", "ana")

@@ -13,9 +13,11 @@ needs_chromium = pytest.mark.skipif(chromium_path() is None and not os.environ.g
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_report_renders_its_table_plots_and_samples_in_chromium(tmp_path):
-    from pipeline.report import render_html
     from test_evaluate import record
+
+    from pipeline.report import render_html
 
     results = {name: {"test/accuracy": acc, "test/reward_score": 0.1 * i, "test/perplexity": 2.0}
                for i, (name, acc) in enumerate((("base_zero_shot", 0.1), ("sft", 0.5), ("dpo", 0.55)))}

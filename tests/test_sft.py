@@ -36,7 +36,7 @@ def test_loss_mask_is_exactly_prompt_and_padding():
     tok = build_char_tokenizer()
     examples = [encode(tok, m) for m in MESSAGES]
     batch = collate([[ex] for ex in examples], tok.pad_token_id, packed=False)
-    for row, (ids, _), messages in zip(range(3), examples, MESSAGES):
+    for row, (ids, _), messages in zip(range(3), examples, MESSAGES, strict=True):
         prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         labels = batch["labels"][row].tolist()
@@ -146,6 +146,7 @@ def test_unknown_peft_option_names_the_key(smoke_chain):
         adapters.apply(model, compose("+peft.options.rank=4").peft)
 
 
+@pytest.mark.slow  # the whole chain, twice
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_chain_on_a_real_model_of_each_architecture(in_tmp, arch):
     from transformers import AutoModelForCausalLM
