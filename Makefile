@@ -1,9 +1,11 @@
 # The two commands a newcomer needs (see README.md):
 #   make pipeline   install everything, then run the whole default chain with `dvc repro` (inside one MLflow
 #                   parent run that ends up holding dvc.lock: python -m pipeline.repro)
-#   make test       install everything (and Debian's chromium when absent), then run the test suite
+#   make test       install everything (and Debian's chromium when absent), then run the whole test suite
+# Also: make test-fast (the inner loop: the suite without the `slow` tests), make lock (re-resolve the pins).
 # Both create .venv on first use. torch is installed first, pinned to the CPU build, so no
-# dependency can pull a multi-GB CUDA build.
+# dependency can pull a multi-GB CUDA build; every other package comes at the version requirements.lock pins,
+# so CI and a newcomer get exactly the environment the suite passed with.
 VENV ?= .venv
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -11,14 +13,28 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install chromium pipeline test
+LOCK := requirements.lock
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install chromium pipeline test test-fast lock
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c $(LOCK) --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $@
+
+# Re-resolve the environment from pyproject.toml in a throwaway venv and pin every package it holds (torch
+# without its +cpu tag, which PyPI's name does not carry). Upgrading = `make lock`, then `make test`.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet torch==2.13.0
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# Every package of the resolved environment, pinned: written by \`make lock\` (do not edit by hand)."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .lock-venv
 
 install: $(VENV)/.installed
 
@@ -32,3 +48,7 @@ pipeline: install
 
 test: install chromium
 	python -m pytest --durations=15
+
+# The inner loop: everything but the tests that run stage chains in subprocesses or drive a browser.
+test-fast: install
+	python -m pytest -m "not slow" --durations=15
