@@ -20,8 +20,8 @@ def record(family, response, correct, held_template=False, held_family=False, ha
 
 def test_metrics_on_fixed_generations_match_hand_computation():
     records = [
-        record("add", "12", True),                                              # seen template, concise, right
-        record("add", "Let me think. The answer is 13.", False, held_template=True),  # verbose, wrong
+        record("apples", "12", True),                                              # seen template, concise, right
+        record("apples", "Let me think. The answer is 13.", False, held_template=True),  # verbose, wrong
         record("max", "the answer is 7", True, held_template=True),            # verbose, right
         record("min", "3", False, held_family=True),
         record("safety", "I'm sorry, but I can't help with that.", True, harmful=True, nll=3.0, tokens=4),
@@ -45,8 +45,8 @@ def test_metrics_on_fixed_generations_match_hand_computation():
 
 
 def test_score_uses_the_checker_for_suite_rows_and_exact_match_for_user_rows():
-    assert score({"family": "add", "answer": "5"}, "5", "the answer is 5.")
-    assert not score({"family": "add", "answer": "5"}, "5", "6")
+    assert score({"family": "apples", "answer": "5"}, "5", "the answer is 5.")
+    assert not score({"family": "apples", "answer": "5"}, "5", "6")
     assert score({"source": "f:1"}, "Paris", " Paris ")
     assert not score({"source": "f:1"}, "Paris", "Lyon")
 
@@ -55,12 +55,12 @@ def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context
     tok = build_char_tokenizer()
     train = [
         {"messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": str(i + 1)}],
-         "meta": {"family": "add", "style": "concise"}} for i in range(5)
+         "meta": {"family": "apples", "style": "concise"}} for i in range(5)
     ] + [{"messages": [{"role": "user", "content": "Add 9 and 9."},
                        {"role": "assistant", "content": "Sure! ... the answer is 18."}],
-          "meta": {"family": "add", "style": "verbose"}}]
+          "meta": {"family": "apples", "style": "verbose"}}]
     row = {"messages": [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "4"}],
-           "meta": {"family": "add"}}
+           "meta": {"family": "apples"}}
     builder = PromptBuilder(tok, Variant("few", "data/base", "plain", 3), train, seed=0, context=256, max_new_tokens=20)
     text = tok.decode(builder.prompt(row, 0))
     assert text.count("<s>Q: Add") == 4 and text.endswith("<s>Q: Add 2 and 2.\nA: ")
@@ -75,7 +75,7 @@ def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context
 
 
 def test_report_lists_every_variant_and_samples():
-    records = [dict(record("add", "12", True), variant=v) for v in ("base_few_shot", "sft")]
+    records = [dict(record("apples", "12", True), variant=v) for v in ("base_few_shot", "sft")]
     text = render_markdown({"base_few_shot": {"test/accuracy": 0.1}, "sft": {"test/accuracy": 0.6}}, records)
     assert "| accuracy | 10.0% | 60.0% |" in text and "- sft: `12` ok" in text
 
@@ -118,7 +118,7 @@ def test_html_report_is_self_contained_and_shows_every_variant(tmp_path):
 
     results = {"sft": {"test/accuracy": 0.5, "test/reward_score": 0.2},
                "dpo": {"test/accuracy": 0.6, "test/kl_to_sft": 0.1, "test/reward_score": 0.4, "test/win_rate_vs_sft": 0.7}}
-    records = [dict(record("add", "12", v == "dpo"), variant=v) for v in results]
+    records = [dict(record("apples", "12", v == "dpo"), variant=v) for v in results]
     plots = tmp_path / "plots"
     (plots / "dpo").mkdir(parents=True)
     (plots / "dpo" / "loss.json").write_text('[{"step": 0, "train/loss": 1.0, "train/rewards/margin": 0.0}, '
