@@ -27,10 +27,12 @@ TABLE = (
     ("test/accuracy_seen_templates", "seen templates", "{:.1%}"),
     ("test/accuracy_held_out_templates", "held-out templates", "{:.1%}"),
     ("test/accuracy_held_out_family", "held-out family", "{:.1%}"),
+    ("test/accuracy_vs_sft", "accuracy vs SFT (paired)", "{:+.1%}"),
     ("test/win_rate_vs_sft", "win rate vs SFT (verifier)", "{:.1%}"),
     ("test/tie_rate_vs_sft", "ties vs SFT", "{:.1%}"),
     ("test/reward_win_rate_vs_sft", "win rate vs SFT (reward model)", "{:.1%}"),
     ("test/reward_score", "reward-model score", "{:.3f}"),
+    ("test/reward_score_vs_sft", "reward-model score vs SFT (paired)", "{:+.3f}"),
     ("test/kl_to_sft", "KL to SFT (nats/token)", "{:.4f}"),
     ("test/perplexity", "perplexity", "{:.3f}"),
     ("test/response_length", "response length (chars)", "{:.1f}"),
@@ -55,6 +57,14 @@ def fmt(value, pattern: str) -> str:
     if value is None or value != value:  # None or NaN
         return "–"
     return pattern.format(value)
+
+
+def cell(metrics: dict, key: str, pattern: str) -> str:
+    """A metric formatted, with its 95% interval when evaluate measured one: "79.9% [76.2%, 83.6%]"."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None or metrics.get(key) is None:
+        return fmt(metrics.get(key), pattern)
+    return f"{fmt(metrics[key], pattern)} [{fmt(low, pattern)}, {fmt(high, pattern)}]"
 
 
 def svg(fig) -> str:
@@ -182,7 +192,7 @@ def render_html(results: dict, generations: list[dict], plots_dir: Path, extra_s
         if not any(key in results[n] for n in names):
             continue
         parts.append(f"<tr><td title='{esc(key)}'>{esc(label)}</td>")
-        parts += [f"<td>{fmt(results[n].get(key), pattern)}</td>" for n in names]
+        parts += [f"<td>{cell(results[n], key, pattern)}</td>" for n in names]
         parts.append("</tr>")
     parts.append("</tbody></table>")
     parts += ["<h2>Plots</h2>", f"<figure class='plot' id='plot-accuracy'>{accuracy_chart(results)}</figure>"]
@@ -215,7 +225,7 @@ def table_html(rows: dict[str, dict], columns: tuple[tuple[str, str, str], ...],
     out = [f"<table id='{esc(table_id)}'><thead><tr><th></th>"] + [f"<th>{esc(label)}</th>" for _, label, _ in columns]
     out.append("</tr></thead><tbody>")
     for name, m in rows.items():
-        out.append(f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{fmt(m.get(k), p)}</td>" for k, _, p in columns) + "</tr>")
+        out.append(f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{cell(m, k, p)}</td>" for k, _, p in columns) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -226,7 +236,7 @@ def render_markdown(results: dict, generations: list[dict]) -> str:
     lines = ["# Evaluation", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label, pattern in TABLE:
         if any(key in results[n] for n in names):
-            lines.append(f"| {label} | " + " | ".join(fmt(results[n].get(key), pattern) for n in names) + " |")
+            lines.append(f"| {label} | " + " | ".join(cell(results[n], key, pattern) for n in names) + " |")
     lines += ["", "## Sample generations", ""]
     for answers in sample_rows(generations, names):
         first = next(iter(answers.values()))

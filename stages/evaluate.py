@@ -50,8 +50,9 @@ from pipeline import report, suite
 from pipeline.adapters import load_trained
 from pipeline.generation import generate, left_pad
 from pipeline.lineage import stage_run
-from pipeline.models import base_sources, load_causal_lm, load_tokenizer, render_ids
+from pipeline.models import base_sources, end_of_turn_ids, load_causal_lm, load_tokenizer, render_ids
 from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
+from pipeline.stats import paired_difference, with_interval
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def variants(cfg: DictConfig) -> list[Variant]:
         "base_zero_shot": Variant("base_zero_shot", str(data / "base"), "plain", 0),
         "base_few_shot": Variant("base_few_shot", str(data / "base"), "plain", cfg.evaluate.few_shot),
         "base_cot": Variant("base_cot", str(data / "base"), "plain", cfg.evaluate.few_shot, cot=True),
+        "base_chat": Variant("base_chat", str(data / "base"), "chat"),
     }
     chosen = [known.get(name) or Variant(name, str(data / name), "chat") for name in cfg.evaluate.variants]
     missing = [v.name for v in chosen if not Path(v.model_dir).exists()]
@@ -87,8 +89,12 @@ def variants(cfg: DictConfig) -> list[Variant]:
 class PromptBuilder:
     """Token ids of a prompt, and of prompt + reference, in a variant's style."""
 
-    def __init__(self, tokenizer, variant: Variant, train_rows: list[dict], seed: int, context: int, max_new_tokens: int):
+    def __init__(self, tokenizer, variant: Variant, train_rows: list[dict], seed: int, context: int, max_new_tokens: int,
+                 framed: bool = True):
+        """``framed``: plain documents are wrapped in bos/eos, as the embedded base's pretraining text was; a
+        real model's plain prompts are bare text (its bos may be a chat marker, SmolLM2's is ``<|im_start|>``)."""
         self.tok, self.variant, self.context, self.max_new_tokens = tokenizer, variant, context, max_new_tokens
+        self.framed = framed
         self.shots_by_family: dict[str, list[dict]] = defaultdict(list)
         for row in train_rows:  # few-shot examples show the preferred behaviour only
             meta = row["meta"]
@@ -104,7 +110,10 @@ class PromptBuilder:
     def _doc(self, question: str, answer: str | None) -> list[int]:
         """One pretraining-style document: <s>Q: question\\nA: answer</s> (open-ended without answer)."""
         body = f"Q: {question}\nA:" + (f" {answer}" if answer is not None else " ")
-        ids = [self.tok.bos_token_id] + self._plain(body)
+        if not self.framed:
+            return self._plain(body + ("\n\n" if answer is not None else ""))
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []  # Qwen's tokenizers have none
+        ids = bos + self._plain(body)
         return ids + [self.tok.eos_token_id] if answer is not None else ids
 
     def prompt(self, row: dict, index: int) -> list[int]:
@@ -136,14 +145,17 @@ class PromptBuilder:
         row's generation prompt from :meth:`prompt`."""
         if self.variant.style == "chat":  # the template renders the reference and its end-of-turn token
             return render_ids(self.tok, row["messages"]), len(prompt)
-        return prompt + self._plain(row["messages"][-1]["content"]) + [self.tok.eos_token_id], len(prompt)
+        end = [self.tok.eos_token_id] if self.framed else self._plain("\n")
+        return prompt + self._plain(row["messages"][-1]["content"]) + end, len(prompt)
 
-    def stop_ids(self) -> list[int]:
-        """End tokens: EOS, and for plain prompts a newline (the end of an answer line)."""
-        stops = [self.tok.eos_token_id]
-        newline = self._plain("\n")
-        if self.variant.style == "plain" and len(newline) == 1:
-            stops.append(newline[0])
+    def stop_ids(self, model) -> list[int]:
+        """End tokens: every end of turn the model and tokenizer declare, and for plain prompts a newline
+        (the end of an answer line)."""
+        stops = end_of_turn_ids(self.tok, model)
+        for newline in ("\n", "\n\n"):  # BPE vocabularies hold both as single tokens
+            ids = self._plain(newline)
+            if self.variant.style == "plain" and len(ids) == 1 and ids[0] not in stops:
+                stops.append(ids[0])
         return stops
 
 
@@ -161,7 +173,7 @@ class EvalModule(L.LightningModule):
     def test_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
         prompts = [self.builder.prompt(row, i) for i, row in batch]
         outs, stats = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
-                               stop_ids=self.builder.stop_ids(), do_sample=self.cfg.do_sample,
+                               stop_ids=self.builder.stop_ids(self.model), do_sample=self.cfg.do_sample,
                                temperature=self.cfg.temperature, top_p=self.cfg.top_p)
         self.gen_stats["new_tokens"] += stats["new_tokens"]
         self.gen_stats["seconds"] += stats["seconds"]
@@ -170,7 +182,7 @@ class EvalModule(L.LightningModule):
         sampled = [None] * len(outs)
         if self.cfg.sampled_accuracy:  # the same prompts sampled at temperature 1: what RL-style training sees
             sampled, _ = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
-                                  stop_ids=self.builder.stop_ids(), do_sample=True, temperature=1.0,
+                                  stop_ids=self.builder.stop_ids(self.model), do_sample=True, temperature=1.0,
                                   generator_seed=self.seed * 7919 + batch_idx)
         for (_, row), out, n, c, kl, samp in zip(batch, outs, nll, counts, kls, sampled, strict=True):
             meta = row["meta"]
@@ -228,34 +240,57 @@ def score(meta: dict, reference: str, response: str) -> bool | None:
 
 
 def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
-    """Aggregate per-row records into ``test/*`` metrics (see the module docstring)."""
-    def rate(rows, key="correct"):
-        return sum(bool(r[key]) for r in rows) / len(rows) if rows else float("nan")
+    """Aggregate per-row records into ``test/*`` metrics (see the module docstring); every rate comes with
+    its 95% bootstrap interval over prompts (``<rate>_ci_low``, ``<rate>_ci_high``)."""
+    def rate(key: str, rows, field="correct"):
+        with_interval(metrics, key, [bool(r[field]) for r in rows])
 
+    metrics: dict[str, float] = {}
     tasks = [r for r in records if r["family"] != "safety"]
-    seen = [r for r in tasks if not r["held_out_family"] and not r["held_out_template"]]
-    held_template = [r for r in tasks if not r["held_out_family"] and r["held_out_template"]]
-    metrics = {
-        "test/accuracy": rate(records),
-        "test/accuracy_seen_templates": rate(seen),
-        "test/accuracy_held_out_templates": rate(held_template),
-        "test/accuracy_held_out_family": rate([r for r in records if r["held_out_family"]]),
+    rate("test/accuracy", records)
+    rate("test/accuracy_seen_templates", [r for r in tasks if not r["held_out_family"] and not r["held_out_template"]])
+    rate("test/accuracy_held_out_templates", [r for r in tasks if not r["held_out_family"] and r["held_out_template"]])
+    rate("test/accuracy_held_out_family", [r for r in records if r["held_out_family"]])
+    rate("test/refusal_harmful", [r for r in records if r["harmful"]], "refused")
+    rate("test/refusal_harmless", [r for r in records if not r["harmful"]], "refused")
+    rate("test/concise_rate", [r for r in tasks if r["response"]], "concise")
+    rate("test/unfinished_rate", [{"unfinished": not r["finished"]} for r in records], "unfinished")
+    metrics.update({
         "test/perplexity": float(torch.exp(torch.tensor(sum(r["nll"] for r in records) / sum(r["ref_tokens"] for r in records)))),
         "test/response_length": sum(len(r["response"]) for r in records) / len(records),
-        "test/refusal_harmful": rate([r for r in records if r["harmful"]], "refused"),
-        "test/refusal_harmless": rate([r for r in records if not r["harmful"]], "refused"),
-        "test/concise_rate": rate([r for r in tasks if r["response"]], "concise"),
-        "test/unfinished_rate": 1 - rate(records, "finished"),
         "test/tokens_per_second": gen_stats["new_tokens"] / max(gen_stats["seconds"], 1e-9),
         "test/latency_ms": 1000 * gen_stats["seconds"] / len(records),
-    }
+    })
     if records and records[0].get("kl") is not None:
         metrics["test/kl_to_sft"] = sum(r["kl"][0] for r in records) / max(sum(r["kl"][1] for r in records), 1)
     if records and records[0].get("sampled_correct") is not None:
-        metrics["test/accuracy_sampled"] = rate(records, "sampled_correct")
+        rate("test/accuracy_sampled", records, "sampled_correct")
     for family in sorted({r["family"] for r in records}):
-        metrics[f"test/accuracy_{family}"] = rate([r for r in records if r["family"] == family])
+        rate(f"test/accuracy_{family}", [r for r in records if r["family"] == family])
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+# Per-prompt outcomes compared with SFT's on the same prompts: metric -> (record field, which rows).
+PAIRED = {
+    "test/accuracy": ("correct", lambda r: True),
+    "test/refusal_harmful": ("refused", lambda r: r["harmful"]),
+    "test/refusal_harmless": ("refused", lambda r: r["family"] == "safety" and not r["harmful"]),
+    "test/concise_rate": ("concise", lambda r: r["family"] != "safety"),
+}
+
+
+def differences_vs_sft(records: list[dict], baseline: list[dict]) -> dict[str, float]:
+    """This variant minus SFT on the same prompts, with paired-bootstrap 95% intervals:
+    ``<metric>_vs_sft``, ``<metric>_vs_sft_ci_low``, ``<metric>_vs_sft_ci_high`` for the :data:`PAIRED` rates."""
+    theirs = {r["id"]: r for r in baseline}
+    out = {}
+    for key, (field, keep) in PAIRED.items():
+        pairs = [(bool(r[field]), bool(theirs[r["id"]][field])) for r in records if r["id"] in theirs and keep(r)]
+        if not pairs:
+            continue
+        diff, low, high = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+        out.update({f"{key}_vs_sft": diff, f"{key}_vs_sft_ci_low": low, f"{key}_vs_sft_ci_high": high})
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 def pairwise_win_rate(ids: list[str], mine: dict[str, object], theirs: dict[str, object],
@@ -329,12 +364,13 @@ def load_variant_model(variant: Variant, cfg: DictConfig):
 
 def evaluate_variant(variant: Variant, cfg: DictConfig, test_rows: list[dict], train_rows: list[dict]):
     """Run ``Trainer.test`` for one variant; return (metrics, records)."""
-    tokenizer_dir = base_sources(variant.model_dir)[1] if variant.style == "plain" else variant.model_dir
+    of_base = Path(variant.model_dir).name == "base"
+    tokenizer_dir = base_sources(variant.model_dir)[1] if of_base else variant.model_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model)
     model = load_variant_model(variant, cfg).eval()
     sft_dir = Path(cfg.paths.data) / "sft"
-    reference = None
-    if variant.style == "chat" and variant.name != "sft" and sft_dir.exists():
+    reference = None  # KL to SFT measures how far alignment moved SFT: trained variants only
+    if not of_base and variant.name != "sft" and sft_dir.exists():
         reference = load_variant_model(Variant("sft", str(sft_dir), "chat"), cfg).eval()
     return test_model(model, tokenizer, variant, cfg, test_rows, train_rows, reference)
 
@@ -344,7 +380,8 @@ def test_model(model, tokenizer, variant: Variant, cfg: DictConfig, test_rows: l
     """Generate, verify and score ``model`` on ``test_rows`` through ``Trainer.test``; return (metrics,
     records). ``cfg.evaluate`` sets generation; ``reference`` (the SFT model) adds KL to it."""
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
-    builder = PromptBuilder(tokenizer, variant, train_rows, cfg.seed, context, cfg.evaluate.max_new_tokens)
+    builder = PromptBuilder(tokenizer, variant, train_rows, cfg.seed, context, cfg.evaluate.max_new_tokens,
+                            framed=cfg.model.name_or_path is None)
     module = EvalModule(model, tokenizer, builder, cfg, reference)
     loader = DataLoader(list(enumerate(test_rows)), batch_size=cfg.evaluate.batch_size, collate_fn=list)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
@@ -377,7 +414,7 @@ def main(cfg: DictConfig) -> dict:
                 prompts = [{"messages": r["messages"][:-1]} for r in test_rows]
                 responses = {r["id"]: r["response"] for r in records}
                 scores = reward_score(prompts, [responses[r["id"]] for r in test_rows])
-                metrics["test/reward_score"] = round(float(scores.mean()), 4)
+                with_interval(metrics, "test/reward_score", scores.tolist())
                 reward_by_variant[variant.name] = scores
             results[variant.name] = metrics
             by_variant[variant.name] = records
@@ -385,8 +422,14 @@ def main(cfg: DictConfig) -> dict:
         for name, metrics in results.items():
             if "sft" in by_variant and name != "sft":
                 metrics.update(win_rates(by_variant[name], by_variant["sft"], {r["id"]: r for r in test_rows}))
+                metrics.update(differences_vs_sft(by_variant[name], by_variant["sft"]))
             if "sft" in reward_by_variant and name != "sft":
-                metrics["test/reward_win_rate_vs_sft"] = reward_win_rate(reward_by_variant[name], reward_by_variant["sft"])
+                mine, theirs = reward_by_variant[name], reward_by_variant["sft"]
+                metrics["test/reward_win_rate_vs_sft"] = reward_win_rate(mine, theirs)
+                diff, low, high = paired_difference(mine.tolist(), theirs.tolist())
+                metrics.update({"test/reward_score_vs_sft": diff, "test/reward_score_vs_sft_ci_low": low,
+                                "test/reward_score_vs_sft_ci_high": high})
+            results[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         lm_eval_results = run_lm_eval(cfg, chosen)
         for name, metrics in lm_eval_results.items():
             results[name].update(metrics)
@@ -492,8 +535,9 @@ def write_reward_kl_plot(results: dict, path: Path) -> None:
 
 def write_accuracy_plot(results: dict, path: Path) -> None:
     """Accuracy per variant and family as CSV for ``dvc plots`` (a grouped bar chart)."""
+    derived = ("_ci_low", "_ci_high", "_vs_sft")  # intervals and differences are not slices
     families = sorted({k.removeprefix("test/accuracy_") for m in results.values() for k in m
-                       if k.startswith("test/accuracy_")})
+                       if k.startswith("test/accuracy_") and not k.endswith(derived)})
     lines = ["variant,slice,accuracy"]
     for name, m in results.items():
         lines.append(f"{name},overall,{m['test/accuracy']}")
