@@ -60,10 +60,15 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 
     Args:
         batch_size: prompts per batch (each decoded ``samples_per_prompt`` times).
-        stop_ids: token ids that end a response (default: the tokenizer's EOS).
+        stop_ids: token ids that end a response (default: every end-of-turn id the model and tokenizer
+            declare, :func:`pipeline.models.end_of_turn_ids`). Any other special token ends it too: it is
+            not text, and decoding past it would glue what follows onto the answer.
         generator_seed: seeds sampling, so the same seed gives the same samples.
     """
-    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+    from pipeline.models import end_of_turn_ids, special_ids
+
+    stop_ids = list(stop_ids or end_of_turn_ids(tokenizer, model))
+    ends = stop_ids + sorted(special_ids(tokenizer) - set(stop_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     was_training = model.training
     model.eval()
@@ -80,16 +85,17 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         input_ids, mask = left_pad([prompts[i] for i in idx], pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         if uses_virtual_tokens(model):  # prompt learning: virtual tokens, its own cache
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+            sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
             out = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                                 max_new_tokens=max_new_tokens, eos_token_id=ends, pad_token_id=pad_id,
                                  do_sample=do_sample, **sampling)
             responses = out[:, input_ids.shape[1]:].tolist()
         else:
-            responses = decode(model, input_ids, mask, k, max_new_tokens, stop_ids, choose)
+            responses = decode(model, input_ids, mask, k, max_new_tokens, ends, choose)
+        end_set = set(ends)
         for row, (i, copy) in enumerate((i, c) for i in idx for c in range(k)):
             ids = responses[row]
-            cut = next((n for n, t in enumerate(ids) if t in stop_ids), None)
+            cut = next((n for n, t in enumerate(ids) if t in end_set), None)
             finished = cut is not None
             ids = ids[: cut + 1] if finished else ids
             new_tokens += len(ids)
@@ -107,7 +113,10 @@ def decode(model, input_ids: torch.Tensor, mask: torch.Tensor, k: int, max_new_t
     prompt 0's k continuations, then prompt 1's...). A row stops at a stop id or after ``max_new_tokens``
     and leaves the batch (and the KV cache) at once."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # The prefill needs the last position's logits only: a real vocabulary (49k) over every prompt position
+    # would cost GBs.
+    last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     cache, logits = out.past_key_values, out.logits[:, -1].float()
     if k > 1:  # one prefill per prompt, shared by its k samples
         cache.batch_repeat_interleave(k)
@@ -134,6 +143,14 @@ def decode(model, input_ids: torch.Tensor, mask: torch.Tensor, k: int, max_new_t
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         next_position = next_position + 1
     return responses
+
+
+def accepts(model, argument: str) -> bool:
+    """Whether the model's forward (under any peft wrapper) takes ``argument``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(inner.forward).parameters
 
 
 def _sampler(temperature: float, top_p: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -154,6 +154,64 @@ def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fa
     return list(out)
 
 
+def special_ids(tokenizer) -> set[int]:
+    """Every special token id of ``tokenizer`` (eos, pad, role markers, turn ends...): none of them is text,
+    so a response ends at the first one rather than decoding across it."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def template_turn_end(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``, ``</s>``...): the first special token after the reply in a rendered conversation.
+    None without a chat template or when the template closes turns in plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine"}]
+    try:
+        prompt = render_ids(tokenizer, messages[:1], add_generation_prompt=True)
+        full = render_ids(tokenizer, messages)
+    except Exception:  # a template that cannot render is reported by check_chat_template
+        return None
+    specials = special_ids(tokenizer)
+    return next((t for t in full[len(prompt):] if t in specials), None)
+
+
+def template_summary(tokenizer) -> dict:
+    """What the chat template does around a conversation, for the data card: the text it puts before the
+    user's turn (a default system prompt shows here), the turn end, and the tokenizer's bos, eos and pad."""
+    marker = "@@user@@"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    turn_end = template_turn_end(tokenizer)
+    return {"preamble": text[: text.index(marker)] if marker in text else None,
+            "generation_prompt": text[text.index(marker) + len(marker):] if marker in text else None,
+            "end_of_turn": tokenizer.convert_ids_to_tokens(turn_end) if turn_end is not None else None,
+            "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token,
+            "pad_is_eos": tokenizer.pad_token_id == tokenizer.eos_token_id}
+
+
+def end_of_turn_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a reply: the tokenizer's eos, the model's generation config and config eos (an id
+    or a list, as Llama 3 declares), and the chat template's turn end. A model whose turn end is not its
+    eos (Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) stops where its template says the reply ends."""
+    found: list[int] = []
+
+    def add(value) -> None:
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in found:
+                found.append(int(i))
+
+    add(tokenizer.eos_token_id)
+    if model is not None:
+        add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        add(getattr(getattr(model, "config", None), "eos_token_id", None))
+    add(template_turn_end(tokenizer))
+    return found
+
+
 def base_sources(base_dir: str | Path) -> tuple[str, str]:
     """(model location, tokenizer location) of the base stage's output.
 
@@ -169,6 +227,14 @@ def base_sources(base_dir: str | Path) -> tuple[str, str]:
     files = json.loads(source.read_text())["files"]
     has_tokenizer = (base_dir / "tokenizer_config.json").exists()
     return files, str(base_dir) if has_tokenizer else files
+
+
+def base_reference(model_cfg: DictConfig, base_dir: str | Path) -> str:
+    """What an adapter records as its base model: the hub id or folder the user named, or the chain's own
+    ``data/base`` when the base was built here (embedded) or converted here (GGUF)."""
+    if model_cfg.name_or_path is None or model_cfg.get("gguf_file"):
+        return str(base_dir)
+    return model_cfg.name_or_path
 
 
 def count_parameters(model) -> int:

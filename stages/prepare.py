@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from pipeline import suite
 from pipeline.chat import InputError, encode, load_files, prompt_of
 from pipeline.lineage import stage_run
-from pipeline.models import base_sources, load_tokenizer
+from pipeline.models import base_sources, load_tokenizer, template_summary
 from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
 from pipeline.plots import write_histogram
 
@@ -232,6 +232,7 @@ def main(cfg: DictConfig) -> dict:
         datamodule.prepare_data()
         datamodule.setup()
         card = datamodule.card()
+        card["template"] = template_summary(tokenizer)  # what every prompt is wrapped in (system prompt, turn end)
         with atomic_dir(out) as tmp:
             for name, rows in datamodule.splits.items():
                 write_atomic(tmp / f"{name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -273,6 +274,11 @@ def card_markdown(card: dict) -> str:
     lines += ["", "## Demonstration styles", ""]
     for name, s in card["splits"].items():
         lines.append(f"- {name}: {s['styles']}")
+    if card.get("template"):
+        t = card["template"]
+        lines += ["", "## Chat template", "", f"- before the user's turn: `{t['preamble']!r}`",
+                  f"- generation prompt: `{t['generation_prompt']!r}`", f"- end of turn: `{t['end_of_turn']}`",
+                  f"- bos / eos / pad: `{t['bos']}` / `{t['eos']}` / `{t['pad']}` (pad is eos: {t['pad_is_eos']})"]
     lines += ["", "![token lengths](../plots/prepare/token_lengths.png)", ""]
     return "\n".join(lines)
 

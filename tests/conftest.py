@@ -115,20 +115,62 @@ def save_tiny_model(folder: Path, arch: str, with_template: bool = True) -> Path
     return folder
 
 
-def save_tiny_config_model(folder: Path, config_class: str, **fields) -> Path:
+# Chat conventions of real model families, on the character vocabulary: (bos, eos, pad, turn end, template).
+# Each differs from the embedded one where real models trip a chain: no BOS and a default system prompt (Qwen's
+# ChatML), an eos that is not the turn end (Llama 3, Qwen, Phi-3, Gemma), pad = eos (Phi-3).
+CHAT_STYLES = {
+    "chatml": (None, "<|endoftext|>", "<|endoftext|>", "<|im_end|>",
+               "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+               "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "llama3": ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|eot_id|>",
+               "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+               "m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "gemma": ("<bos>", "<eos>", "<pad>", "<end_of_turn>",
+              "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "{{ '<start_of_turn>' + role + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "phi3": ("<s>", "<|endoftext|>", "<|endoftext|>", "<|end|>",
+             "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+}
+
+
+def chat_tokenizer(style: str):
+    """The character tokenizer dressed in a real family's chat conventions (:data:`CHAT_STYLES`)."""
+    import re
+
+    from pipeline.models import build_char_tokenizer
+
+    bos, eos, pad, turn_end, template = CHAT_STYLES[style]
+    tokenizer = build_char_tokenizer()
+    markers = sorted((set(re.findall(r"<[|a-z_]+\|?>", template)) | {bos, eos, pad, turn_end}) - {None})
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token = eos, pad, bos
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def save_tiny_config_model(folder: Path, config_class: str, style: str | None = None, **fields) -> Path:
     """A tiny random causal LM built from a transformers config class (``LlamaConfig``, ``Qwen2Config``, ...)
-    with ``fields``, sized for the character tokenizer, saved with save_pretrained (safetensors)."""
+    with ``fields``, sized for the character tokenizer (in a family's chat ``style``, :data:`CHAT_STYLES`, or
+    the embedded one), saved with save_pretrained (safetensors). A style's turn end goes into the generation
+    config's eos list beside the eos, as real chat models declare it."""
     import torch
     import transformers
 
     from pipeline.models import build_char_tokenizer
 
-    tokenizer = build_char_tokenizer()
+    tokenizer = chat_tokenizer(style) if style else build_char_tokenizer()
     config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **fields)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
+    if style:
+        turn_end = tokenizer.convert_tokens_to_ids(CHAT_STYLES[style][3])
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
