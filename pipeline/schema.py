@@ -20,7 +20,7 @@ STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
-VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "sft", "dpo", "ppo", "grpo", "quantize")
+VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "base_chat", "sft", "dpo", "ppo", "grpo", "quantize")
 # Quantization methods (pipeline.quantization.METHODS describes each; a test keeps the two equal).
 QUANT_METHODS = ("int8_weight_only", "int8_weight_only_asym", "int8_static", "int8_static_asym", "int8_dynamic",
                  "bnb_int8", "bnb_nf4", "int4_weight_only")
@@ -64,6 +64,7 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False
     chat_template: Optional[str] = None
+    gguf_file: Optional[str] = None
     arch: Optional[ArchConfig] = None
 
 

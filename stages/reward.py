@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from pipeline import adapters
 from pipeline.lineage import stage_run
-from pipeline.models import load_sequence_scorer, load_tokenizer
+from pipeline.models import base_reference, load_sequence_scorer, load_tokenizer
 from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.plots import write_histogram
 from pipeline.preferences import PreferenceData
@@ -195,7 +195,7 @@ def main(cfg: DictConfig) -> dict:
         verdict = {"accuracy": final["val/accuracy"], "min_accuracy": r.min_accuracy,
                    "passed": final["val/accuracy"] >= r.min_accuracy, "validation_pairs": len(datamodule.val_items)}
         with atomic_dir(out) as tmp:
-            adapters.save_trained(module.model, cfg.peft, tmp, backbone, cfg.model, cfg.model.name_or_path or backbone,
+            adapters.save_trained(module.model, cfg.peft, tmp, backbone, cfg.model, base_reference(cfg.model, backbone),
                                   load_base=load_sequence_scorer)
             tokenizer.save_pretrained(tmp)
             _record_pad_token(tmp, tokenizer.pad_token_id)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import adapters
 from pipeline.lineage import stage_run
-from pipeline.models import base_sources, load_causal_lm, load_tokenizer
+from pipeline.models import base_reference, base_sources, load_causal_lm, load_tokenizer
 from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.training import (
     StageModule,
@@ -141,6 +141,7 @@ class SFTModule(StageModule):
         self.cfg = cfg.sft
         self._val_nll = torch.zeros(())
         self._val_tokens = 0
+        self.positions_trained = 0  # token positions run forward and backward (throughput: train/tokens_per_second)
 
     def on_fit_start(self) -> None:
         self.model.train()
@@ -150,6 +151,7 @@ class SFTModule(StageModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
+        self.positions_trained += int(batch["input_ids"].numel())
         self.log("train/loss", loss, prog_bar=True)
         if self.global_step % 10 == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
             self.history.append({"step": int(self.global_step), "train/loss": float(loss.detach())})
@@ -205,8 +207,7 @@ def main(cfg: DictConfig) -> dict:
         final = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
         train_seconds = time.time() - start
         with atomic_dir(out) as tmp:
-            base_ref = cfg.model.name_or_path or str(base_dir)
-            adapters.save_trained(module.model, peft, tmp, model_path, cfg.model, base_ref)
+            adapters.save_trained(module.model, peft, tmp, model_path, cfg.model, base_reference(cfg.model, base_dir))
             tokenizer.save_pretrained(tmp)
             run.write_run_json(tmp, peft_method=peft.method)
         clear_checkpoints(cfg, "sft")
@@ -219,6 +220,7 @@ def main(cfg: DictConfig) -> dict:
             "val/loss": final,
             "val/perplexity": math.exp(final),
             "train/seconds": round(train_seconds, 1),
+            "train/tokens_per_second": round(module.positions_trained / max(train_seconds, 1e-9), 1),
             "train/trainable_parameters": trainable,
             "train/trainable_share": trainable / total,
             "train/epochs": round(steps_tokens * cfg.sft.batch_size * trainer.world_size / max(len(data.train_items), 1), 2),

