@@ -180,6 +180,47 @@ def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: 
     PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(out, safe_serialization=True)
 
 
+def prompt_learning_adapter(folder: str | Path) -> str | None:
+    """The prompt-learning method whose virtual tokens a saved model carries (``<folder>/adapter``), or None
+    for merged weights."""
+    config = Path(folder) / ADAPTER_DIR / "adapter_config.json"
+    if not config.exists():
+        return None
+    kind = json.loads(config.read_text()).get("peft_type", "").lower()
+    return kind if kind in PROMPT_LEARNING else None
+
+
+def load_policy(sft_dir: str | Path, cfg: DictConfig, stage: str) -> torch.nn.Module:
+    """The SFT model an alignment stage starts from, made trainable the ``peft`` group's way.
+
+    SFT's weights are merged, so any method can continue from them. A prompt-learning SFT (``sft.peft:
+    prompt_tuning``...) is base weights plus virtual tokens: loading only the weights would align the bare
+    base with a fresh random prompt. So dpo continues SFT's own virtual tokens when ``peft.method`` is the
+    same method, and every other combination is refused with what to set instead.
+    """
+    from pipeline.models import load_causal_lm
+
+    kind = prompt_learning_adapter(sft_dir)
+    if kind is None:
+        model = load_causal_lm(sft_dir, cfg.model, quantization_config=quantization_config(cfg.peft))
+        return apply(model, cfg.peft)
+    if stage == "dpo" and cfg.peft.method == kind:
+        # peft refuses to load a prompt-learning adapter as trainable: build one from its config, then load it.
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter_dir = Path(sft_dir) / ADAPTER_DIR
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.inference_mode = False
+        model = get_peft_model(load_causal_lm(sft_dir, cfg.model), config)
+        set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+        return model
+    hint = f"set peft.method={kind} to continue SFT's virtual tokens" if stage == "dpo" else \
+        "online alignment needs weights: train SFT with a weight method (sft.peft=lora, none, ...)"
+    raise ConfigError(f"{sft_dir} holds a {kind} adapter (SFT trained virtual tokens), but {stage} uses "
+                      f"peft.method = {cfg.peft.method!r}: it would start from the bare base; {hint}")
+
+
 def load_trained(folder: str | Path, model_cfg: DictConfig | None = None):
     """Load a model saved by :func:`save_trained` (merged weights, or base + prompt-learning adapter)."""
     from pipeline.models import load_causal_lm

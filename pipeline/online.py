@@ -368,6 +368,7 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
     module; ``reward`` is ``model`` (the reward stage's model, gate checked first), ``verifier`` (pass/fail)
     or ``preference`` (the verifier's 0-3 preference score).
     """
+    import copy
     import logging
     import time
 
@@ -404,10 +405,10 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
                 return adapters.apply(copy, cfg.peft)
             return copy.eval().requires_grad_(False)
 
-        model = load_causal_lm(sft_dir, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
         has_adapters = cfg.peft.method not in ("none", "bitfit")
-        adapter_config = adapters.peft_config(cfg.peft, model) if has_adapters else None
-        model = adapters.apply(model, cfg.peft)
+        model = adapters.load_policy(sft_dir, cfg, name)
+        # The critic adapter (ppo) is configured like the policy's: a copy of the policy adapter's config.
+        adapter_config = copy.deepcopy(model.peft_config["default"]) if has_adapters else None
         reference = Reference(model, None if has_adapters else load_copy(), temperature=c.temperature)
         scorer = model_reward(reward_model) if reward_model is not None else SCORERS[reward]
         datamodule = PromptData(prompts_path, tokenizer, cfg.seed, c)

@@ -40,7 +40,7 @@ from pipeline import adapters
 from pipeline.adapters import uses_virtual_tokens
 from pipeline.lineage import stage_run
 from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps, shared_prompt_logps
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.models import load_tokenizer
 from pipeline.outputs import atomic_dir, stage_output, write_json
 from pipeline.preferences import PreferenceData
 from pipeline.schema import ConfigError
@@ -169,15 +169,17 @@ class DPOModule(StageModule):
 
 
 @torch.no_grad()
-def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: int) -> None:
+def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: int, adapter_is_sft: bool = False) -> None:
     """Store the reference log-probs of every pair in the items (``dpo.reference=precompute``): the
-    policy before any update is the reference, with the adapter switched off where there is one."""
+    policy before any update is the reference, with a fresh adapter switched off where there is one (an
+    adapter that continues SFT's own, ``adapter_is_sft``, is part of the reference and stays on)."""
     module.model.eval()
+    switch_off = hasattr(module.model, "disable_adapter") and not adapter_is_sft
     for items in (data.train_items, data.val_items):
         for lo in range(0, len(items), batch_size):
             chunk = items[lo:lo + batch_size]
             batch = collate(chunk, data.tok.pad_token_id)
-            context = reference_context(module.model) if hasattr(module.model, "disable_adapter") else contextlib.nullcontext()
+            context = reference_context(module.model) if switch_off else contextlib.nullcontext()
             with context:
                 ref = module.response_logps(batch)[0]
             for it, c, r in zip(chunk, ref[:len(chunk)].tolist(), ref[len(chunk):].tolist(), strict=True):
@@ -197,13 +199,16 @@ def main(cfg: DictConfig) -> dict:
         seed_everything(cfg)
         start = time.time()
         tokenizer = load_tokenizer(sft_dir, cfg.model)
-        model = load_causal_lm(sft_dir, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
-        model = adapters.apply(model, cfg.peft)
+        model = adapters.load_policy(sft_dir, cfg, "dpo")
+        continues_sft = adapters.prompt_learning_adapter(sft_dir) is not None  # SFT's virtual tokens, trained on
+        if continues_sft and c.reference == "disable_adapter" and c.loss not in REFERENCE_FREE:
+            raise ConfigError("config key 'dpo.reference' = disable_adapter: the adapter continues SFT's virtual tokens, "
+                              "so switching it off is not the SFT model; set dpo.reference=precompute")
         datamodule = PreferenceData(pairs_path, tokenizer, cfg, c, collate)
         datamodule.setup()
         module = DPOModule(model, cfg, tokenizer.pad_token_id)
         if c.reference == "precompute" and module.needs_reference:
-            precompute_reference(module, datamodule, c.batch_size)
+            precompute_reference(module, datamodule, c.batch_size, adapter_is_sft=continues_sft)
         ckpt_dir = checkpoint_dir(cfg, "dpo", [i["digest"] for i in inputs])
         trainer = build_trainer(cfg, run, ckpt_dir, c.max_steps, c.val_every_n_steps, c.checkpoint_every_n_steps,
                                 c.accumulate_grad_batches)

@@ -184,3 +184,23 @@ def test_stage_trains_on_the_collected_pairs_and_saves_a_merged_model_and_adapte
         assert "val/kl" in metrics
     history = json.loads(Path("data/plots/dpo/loss.json").read_text())
     assert history and all("train/rewards/margin" in h for h in history)
+
+
+def test_dpo_continues_a_prompt_learning_sfts_virtual_tokens_and_other_stages_refuse_them(pairs_chain, tmp_path,
+                                                                                          monkeypatch):
+    """A prompt-tuned SFT is base weights + virtual tokens: dpo must start from those tokens, not from a fresh
+    random prompt on the bare base (issue 19); a weight method or an online stage is refused by name."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(copy_chain(pairs_chain, tmp_path / "w"))
+    run_stage("sft", "peft=prompt_tuning", "sft.peft=null", "sft.packing=false", "sft.max_steps=3", "sft.lr=0.05")
+    sft_prompt = load_file("data/sft/adapter/adapter_model.safetensors")["prompt_embeddings"]
+    metrics = run_stage("dpo", "peft=prompt_tuning", "dpo.max_steps=2", "dpo.lr=1e-4")
+    dpo_prompt = load_file("data/dpo/adapter/adapter_model.safetensors")["prompt_embeddings"]
+    moved = (dpo_prompt - sft_prompt).norm() / sft_prompt.norm()
+    assert 0 < moved < 0.05, moved  # trained, and from SFT's tokens (a fresh prompt would differ by ~100%)
+    assert metrics["val/loss_before"] == pytest.approx(0.25, abs=1e-4)  # ipo at a zero margin: the reference is SFT itself
+    with pytest.raises(ConfigError, match="prompt_tuning adapter.*peft.method=prompt_tuning"):
+        run_stage("dpo", "dpo.max_steps=1")
+    with pytest.raises(ConfigError, match="prompt_tuning adapter.*online alignment needs weights"):
+        run_stage("grpo", "grpo.iterations=1")
