@@ -310,8 +310,9 @@ def _bnb_in_place(model: torch.nn.Module, config, targets: dict[str, torch.nn.Mo
     return model
 
 
-def static_config(high: torch.Tensor, low: torch.Tensor, symmetric: bool):
-    """torchao's static int8 config for one layer from its calibrated input range.
+def static_config(high: torch.Tensor, low: torch.Tensor, ndim: int = 3, symmetric: bool = True):
+    """torchao's static int8 config for one layer from its calibrated input range and its input's rank
+    (3-D batch x tokens x features in most decoders; 2-D where a decoder flattens tokens before its MLP).
 
     Symmetric (absmax): scale = max(|low|, |high|) / 127, zero point 0. Asymmetric: scale = (high - low) /
     255 and the zero point that maps ``low`` to -128, so the int8 codes span exactly the observed range.
@@ -328,10 +329,10 @@ def static_config(high: torch.Tensor, low: torch.Tensor, symmetric: bool):
     else:
         low, high = min(low, 0.0), max(high, 0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
         scale = max(high - low, 1e-8) / 255.0
-        zero_point = torch.full((1, 1, 1), int(round(-128 - low / scale)), dtype=torch.int8)
+        zero_point = torch.full((1,) * ndim, int(round(-128 - low / scale)), dtype=torch.int8)
         mapping = MappingType.ASYMMETRIC
-    # Scales have the activation's rank (batch, tokens, features): one value for the whole tensor.
-    return Int8StaticActivationInt8WeightConfig(act_quant_scale=torch.full((1, 1, 1), scale),
+    # Scales have the activation's rank: one value for the whole tensor.
+    return Int8StaticActivationInt8WeightConfig(act_quant_scale=torch.full((1,) * ndim, scale),
                                                 act_quant_zero_point=zero_point,
                                                 granularity=[PerTensor(), PerRow()], act_mapping_type=mapping)
 
@@ -351,7 +352,7 @@ class RangeObserver:
             high, low = x.max(), x.min()
             if fqn in self.ranges:
                 high, low = torch.maximum(high, self.ranges[fqn][0]), torch.minimum(low, self.ranges[fqn][1])
-            self.ranges[fqn] = (high, low)
+            self.ranges[fqn] = (high, low, x.ndim)  # the rank the activation scale must have (2-D or 3-D)
         return record
 
     def remove(self) -> None:

@@ -183,12 +183,41 @@ def test_static_scales_by_hand_and_calibration_through_predict(tmp_path):
     cfg = OmegaConf.create({"quantize": {"batch_size": 5}, "trainer": {"accelerator": "cpu", "precision": "32-true"}})
     ranges = calibrate(model, tok, rows, cfg)
     assert set(ranges) == set(Q.linear_modules(model))              # every linear layer observed
-    assert all(high >= low for high, low in ranges.values())
+    assert all(high >= low and ndim == 3 for high, low, ndim in ranges.values())
     with torch.no_grad():
         reference = model(input_ids=probe_ids()).logits
         for method in ("int8_static", "int8_static_asym"):
             quantized = Q.quantize_model(method, source, ranges)
             assert 0 < (quantized(input_ids=probe_ids()).logits - reference).abs().max() < 1.0
+
+
+def test_static_int8_takes_a_layer_fed_2d_activations():
+    """Some decoders flatten tokens before their MLP (issue 19: a 3-D scale failed on them): the observer
+    records each input's rank and the scale takes it."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    class Flattening(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+        def forward(self, x):  # (batch, tokens, 64) -> 2-D before the MLP -> back
+            b, t, d = x.shape
+            return self.down(torch.relu(self.up(x.reshape(b * t, d)))).reshape(b, t, d)
+
+    torch.manual_seed(0)
+    model, x = Flattening().eval(), torch.randn(2, 5, 64)
+    observer = Q.RangeObserver(model)
+    with torch.no_grad():
+        reference = model(x)
+    observer.remove()
+    assert {fqn: r[2] for fqn, r in observer.ranges.items()} == {"up": 2, "down": 2}
+    config = {fqn: Q.static_config(*observer.ranges[fqn]) for fqn in ("up", "down")}
+    assert config["up"].act_quant_scale.shape == (1, 1)
+    quantize_(model, FqnToConfig(config), filter_fn=None)
+    with torch.no_grad():
+        error = (model(x) - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05
 
 
 def test_merge_comes_before_quantization(tmp_path):
