@@ -271,6 +271,10 @@ def _parent_run(client, experiment_id: str) -> str | None:
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     """Open the MLflow run of one stage execution; close it FINISHED, or FAILED on error."""
+    import resource
+    import time
+
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
@@ -291,9 +295,15 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     if parent:  # the pipeline run carries the lock this stage started from (pipeline.repro adds the final one)
         log_dvc_lock(client, parent, os.environ.get("DVC_ROOT", "."))
     status = "FAILED"
+    started = time.perf_counter()
     try:
         yield current
         status = "FINISHED"
+        # What the stage cost: wall time and the process's peak resident memory (Linux reports KiB).
+        client.log_batch(current.run_id, metrics=[
+            Metric("system/wall_seconds", round(time.perf_counter() - started, 1), int(time.time() * 1000), 0),
+            Metric("system/peak_rss_mb", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   int(time.time() * 1000), 0)])
     finally:
         client.set_terminated(current.run_id, status=status)
         if parent and not os.environ.get(PARENT_ENV):  # a sweep's or wrapper's parent is closed by its owner

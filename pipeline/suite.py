@@ -286,6 +286,8 @@ def pretraining_text(rng: random.Random, n_lines: int, qa_share: float, held_out
 
 
 # ----------------------------------------------------------------------------------------------- verifier
+# The longest bare answer in words (a sorted list of three digits); anything longer carries filler.
+CONCISE_WORDS = 3
 _ANSWER_IS = re.compile(r"answer is\s+(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
 
 
@@ -319,6 +321,8 @@ def is_correct(family: str, answer: str, harmful: bool, response: str) -> bool:
 
 def is_concise(response: str, answer: str | None = None) -> bool:
     """Whether the response is a bare answer, with no filler around it ("Let me think. The answer is 12."
-    is not); given ``answer``, whether it is exactly that answer."""
+    is not, nor is a fluent sentence around the answer); given ``answer``, whether it is exactly that answer."""
     bare = response.strip().rstrip(".").strip()
-    return bool(bare) and bare == (answer if answer is not None else extract_answer(response))
+    if answer is not None:
+        return bare == answer
+    return bool(bare) and bare == extract_answer(response) and len(bare.split()) <= CONCISE_WORDS

@@ -60,3 +60,20 @@ def test_a_run_reached_twice_is_printed_in_full_once():
     assert lines[3] == "   config: sft.lr=0.001"
     assert lines[-1] == "    └─ base  run r-base  (above)"
     assert sum("run r-base" in line and "FINISHED" in line for line in lines) == 1
+
+
+def test_every_stage_run_records_what_it_cost_and_costs_prints_the_table(sft_chain, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.costs import format_table, stage_costs
+
+    monkeypatch.chdir(sft_chain)
+    client = MlflowClient(tracking_uri=f"sqlite:///{sft_chain / 'mlruns' / 'mlflow.db'}")
+    rows = {r["stage"]: r for r in stage_costs(client)}
+    assert list(rows) == ["base", "prepare", "sft"]
+    for row in rows.values():
+        assert row["wall_seconds"] > 0 and 100 < row["peak_rss_mb"] < 24 * 1024
+    assert rows["sft"]["throughput"].endswith("tokens/s trained")
+    assert float(rows["sft"]["throughput"].split()[0].replace(",", "")) > 0
+    table = format_table(list(rows.values()))
+    assert table.count("\n") == 5 and "| sft |" in table and "**all**" in table

@@ -45,6 +45,8 @@ def test_conciseness():
     assert not suite.is_concise("Sure! That is a nice question. Thinking it through, the answer is 48.", "48")
     assert suite.is_concise("47") and suite.is_concise("47.") and not suite.is_concise("The answer is 47.")
     assert not suite.is_concise("47", "48") and not suite.is_concise("  ")
+    assert suite.is_concise("1 4 7")
+    assert not suite.is_concise("The first letter of kite is k, a common consonant.")  # fluent filler
 
 
 def test_every_family_and_template_generates_a_verifiable_instance():
