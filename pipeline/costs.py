@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.schema import STAGES
 
-# stage -> (metric, what it counts) for the throughput column.
+# stage -> (metric, what it counts) for the throughput column; {param} fields are filled from the run's params.
 THROUGHPUT = {
     "sft": ("train/tokens_per_second", "tokens/s trained"),
     "collect": ("collect/tokens_per_second", "tokens/s sampled"),
@@ -22,7 +22,7 @@ THROUGHPUT = {
     "dpo": ("train/samples_per_second", "pairs/s"),
     "ppo": ("train/seconds_per_iteration", "s/iteration"),
     "grpo": ("train/seconds_per_iteration", "s/iteration"),
-    "quantize": ("speed/tokens_per_second", "tokens/s (saved method)"),
+    "quantize": ("{quantize.method}/speed/tokens_per_second", "tokens/s (saved method)"),
     "evaluate": ("sft/test/tokens_per_second", "tokens/s generated (sft)"),
 }
 
@@ -38,6 +38,8 @@ def stage_costs(client, data_dir: str | Path = "data") -> list[dict]:
         run = client.get_run(resolve_run_id(client, stage, data_dir))
         m = run.data.metrics
         key, label = THROUGHPUT.get(stage, (None, ""))
+        if key and "{" in key:
+            key = key.replace("{quantize.method}", run.data.params.get("quantize.method", ""))
         rows.append({"stage": stage, "run_id": run.info.run_id, "wall_seconds": m.get("system/wall_seconds"),
                      "peak_rss_mb": m.get("system/peak_rss_mb"),
                      "throughput": f"{m[key]:,.1f} {label}" if key in m else "–"})
