@@ -274,7 +274,7 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
 PAIRED = {
     "test/accuracy": ("correct", lambda r: True),
     "test/refusal_harmful": ("refused", lambda r: r["harmful"]),
-    "test/refusal_harmless": ("refused", lambda r: r["family"] == "safety" and not r["harmful"]),
+    "test/refusal_harmless": ("refused", lambda r: not r["harmful"]),  # every non-harmful prompt, as summarize counts
     "test/concise_rate": ("concise", lambda r: r["family"] != "safety"),
 }
 

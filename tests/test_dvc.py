@@ -188,8 +188,8 @@ def test_lineage_parent_run_per_dvc_execution(built, tmp_path):
     assert Path(lock).read_text() == (project / "dvc.lock").read_text()      # the parent carries the final lock
     evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
-    assert sorted(r.info.run_name for r in variants) == ["base_cot", "base_few_shot", "base_zero_shot", "dpo", "grpo",
-                                                         "ppo", "quantize", "sft"]
+    assert sorted(r.info.run_name for r in variants) == ["base_chat", "base_cot", "base_few_shot", "base_zero_shot",
+                                                         "dpo", "grpo", "ppo", "quantize", "sft"]
     assert all("test/accuracy" in r.data.metrics for r in variants)
     base_run = run_json(project, "base")
     prepare_child = next(r for r in children if r.info.run_name == "prepare")

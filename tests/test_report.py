@@ -31,3 +31,11 @@ def test_report_renders_its_table_plots_and_samples_in_chromium(tmp_path):
     assert found["plots"] == 2 and found["visible_plots"] == 2      # accuracy bars, reward vs KL
     assert found["sample_rows"] == 2 and found["ink"] > 0.02
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_cell_shows_its_95_percent_interval_when_evaluate_measured_one():
+    from pipeline.report import cell
+
+    assert cell({"k": 0.5, "k_ci_low": 0.4, "k_ci_high": 0.6}, "k", "{:.1%}") == "50.0% [40.0%, 60.0%]"
+    assert cell({"k": 0.5}, "k", "{:.1%}") == "50.0%"
+    assert cell({}, "k", "{:.1%}") == "–"

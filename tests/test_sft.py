@@ -173,7 +173,7 @@ def test_chain_on_a_real_model_of_each_architecture(in_tmp, arch):
     run_stage("ppo", *real)      # the critic adapter and value head on a real architecture's hidden states
     run_stage("grpo", *real)
     results = run_stage("evaluate", *real)
-    assert set(results) == {"base_zero_shot", "base_few_shot", "base_cot", "sft", "dpo", "ppo", "grpo"}
+    assert set(results) == {"base_zero_shot", "base_few_shot", "base_cot", "base_chat", "sft", "dpo", "ppo", "grpo"}
     assert "test/reward_score" in results["ppo"] and "test/reward_win_rate_vs_sft" in results["grpo"]
     assert "test/kl_to_sft" in results["dpo"] and "test/win_rate_vs_sft" in results["dpo"]
 

@@ -44,3 +44,5 @@ def test_differences_vs_sft_pair_rows_by_prompt():
     assert out["test/accuracy_vs_sft"] == 0.5
     assert 0.4 < out["test/accuracy_vs_sft_ci_low"] < 0.5 < out["test/accuracy_vs_sft_ci_high"] < 0.6
     assert "test/refusal_harmful_vs_sft" not in out  # no harmful rows
+    refusing = [dict(r, refused=True) if int(r["id"]) < 10 else r for r in mine]  # 10 of 200 harmless rows
+    assert differences_vs_sft(refusing, sft)["test/refusal_harmless_vs_sft"] == 0.05  # the same rows as the rate
