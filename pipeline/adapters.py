@@ -190,8 +190,29 @@ def prompt_learning_adapter(folder: str | Path) -> str | None:
     return kind if kind in PROMPT_LEARNING else None
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere in ``model`` (TRL's ``disable_dropout``): ``nn.Dropout`` modules, peft's
+    ``lora_dropout`` among them, and attention dropout kept as a float (Llama's ``attention_dropout``).
+
+    Alignment compares log-probs of the same tokens under models that should agree: PPO's first ratio
+    (policy vs the policy that sampled), DPO's and GRPO's reference (the same weights, adapter off). With
+    dropout in train mode two forwards of one unchanged model differ, so the ratio is not 1 and the KL not 0.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+    return model
+
+
 def load_policy(sft_dir: str | Path, cfg: DictConfig, stage: str) -> torch.nn.Module:
-    """The SFT model an alignment stage starts from, made trainable the ``peft`` group's way.
+    """The SFT model an alignment stage starts from, made trainable the ``peft`` group's way, dropout off
+    (:func:`disable_dropout`).
 
     SFT's weights are merged, so any method can continue from them. A prompt-learning SFT (``sft.peft:
     prompt_tuning``...) is base weights plus virtual tokens: loading only the weights would align the bare
@@ -203,7 +224,7 @@ def load_policy(sft_dir: str | Path, cfg: DictConfig, stage: str) -> torch.nn.Mo
     kind = prompt_learning_adapter(sft_dir)
     if kind is None:
         model = load_causal_lm(sft_dir, cfg.model, quantization_config=quantization_config(cfg.peft))
-        return apply(model, cfg.peft)
+        return disable_dropout(apply(model, cfg.peft))
     if stage == "dpo" and cfg.peft.method == kind:
         # peft refuses to load a prompt-learning adapter as trainable: build one from its config, then load it.
         from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
@@ -214,7 +235,7 @@ def load_policy(sft_dir: str | Path, cfg: DictConfig, stage: str) -> torch.nn.Mo
         config.inference_mode = False
         model = get_peft_model(load_causal_lm(sft_dir, cfg.model), config)
         set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
-        return model
+        return disable_dropout(model)
     hint = f"set peft.method={kind} to continue SFT's virtual tokens" if stage == "dpo" else \
         "online alignment needs weights: train SFT with a weight method (sft.peft=lora, none, ...)"
     raise ConfigError(f"{sft_dir} holds a {kind} adapter (SFT trained virtual tokens), but {stage} uses "

@@ -142,8 +142,10 @@ def load_files(paths: list[str], fmt: str, on_bad_row: str) -> tuple[list[dict],
 
 
 def prompt_of(row: dict) -> list[dict]:
-    """The conversation up to (not including) the final assistant turn."""
-    return row["messages"][:-1]
+    """The context a response continues: every turn up to (not including) a final assistant turn (the gold
+    response), or the whole conversation when it ends with the user's turn. Earlier assistant turns stay."""
+    messages = row["messages"]
+    return messages[:-1] if messages[-1]["role"] == "assistant" else list(messages)
 
 
 def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -166,3 +168,26 @@ def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
         start, end = len(prefix), len(render_ids(tokenizer, messages[: i + 1]))
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """Prompt rows of the ``prompts`` split, each ending with the user's turn: a trailing gold answer moves to
+    ``meta.gold`` (the verifier's), so what is sampled from is exactly the context before it."""
+    if not path.exists():
+        raise InputError(f"{path}: no prompt file; run the prepare stage first")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            messages = row["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{path}:{number}: not a prompt row with 'messages' ({err})") from None
+        if messages and messages[-1]["role"] == "assistant":
+            row.setdefault("meta", {})["gold"] = messages[-1]["content"]
+            row["messages"] = messages[:-1]
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: the prompt file has no rows")
+    return rows

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from pipeline.adapters import uses_virtual_tokens
+from pipeline.tokens import left_pad, position_ids
 
 
 @dataclass
@@ -37,17 +38,6 @@ class Generated:
     text: str
     ids: list[int]
     finished: bool
-
-
-def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask)."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[row, width - len(ids):] = 1
-    return input_ids, mask
 
 
 @torch.no_grad()
@@ -112,7 +102,7 @@ def decode(model, input_ids: torch.Tensor, mask: torch.Tensor, k: int, max_new_t
     """Decode ``k`` continuations of each left-padded prompt row; return their token ids (row-major:
     prompt 0's k continuations, then prompt 1's...). A row stops at a stop id or after ``max_new_tokens``
     and leaves the batch (and the KV cache) at once."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    positions = position_ids(mask)  # left padding: real tokens count from 0
     # The prefill needs the last position's logits only: a real vocabulary (49k) over every prompt position
     # would cost GBs.
     last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}

@@ -10,7 +10,7 @@ the same way whatever the judge. Four judges, chosen by the ``judge`` config gro
   right call (refuse a harmful request, help with a harmless one) and 0 for the wrong one. So correct
   beats incorrect, and between two equally correct (or equally wrong) answers the one without filler
   wins; a polite refusal wins exactly on harmful prompts. Rows of user data (no suite metadata) score 3
-  when the response equals the reference, else 0.
+  when the response equals the gold response, else 0.
 - ``function``: any Python callable ``package.module:function(prompt, response) -> number``.
 - ``llm``: AI feedback (RLAIF, Bai et al. 2022; Lee et al. 2023). A local causal LM reads a pairwise
   template and the next-token probabilities of the two labels decide. Every pair is judged in both
@@ -58,11 +58,11 @@ def prompt_text(row: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ verifier
-def reference_of(row: dict) -> str | None:
-    """The row's reference response: its assistant turn, or ``meta.reference`` (kept by ``collect``)."""
+def gold_of(row: dict) -> str | None:
+    """The row's gold response: its assistant turn, or ``meta.gold`` (kept where prompts are read)."""
     if row["messages"][-1]["role"] == "assistant":
         return row["messages"][-1]["content"]
-    return row.get("meta", {}).get("reference")
+    return row.get("meta", {}).get("gold")
 
 
 def verifier_score(row: dict, response: str) -> float:
@@ -79,18 +79,18 @@ def verifier_score(row: dict, response: str) -> float:
 
 def verifier_correct(row: dict, response: str) -> bool:
     """Whether the verifier accepts ``response``: the suite's checker for suite rows, equality with the
-    reference for user rows that have one."""
+    gold response for user rows that have one."""
     meta = row.get("meta", {})
     if "family" not in meta or "answer" not in meta:
-        reference = reference_of(row)
-        return reference is not None and response.strip() == reference.strip()
+        gold = gold_of(row)
+        return gold is not None and response.strip() == gold.strip()
     return suite.is_correct(meta["family"], meta["answer"], bool(meta.get("harmful")), response)
 
 
 def has_verifier(row: dict) -> bool:
-    """Whether the verifier can judge this row (a suite row, or a user row with a reference)."""
+    """Whether the verifier can judge this row (a suite row, or a user row with a gold response)."""
     meta = row.get("meta", {})
-    return ("family" in meta and "answer" in meta) or reference_of(row) is not None
+    return ("family" in meta and "answer" in meta) or gold_of(row) is not None
 
 
 class Judge:
@@ -196,14 +196,14 @@ class LLMJudge(Judge):
     @torch.no_grad()
     def first_label_probability(self, prompts: list[list[int]]) -> list[float]:
         """P(label A) / (P(label A) + P(label B)) at the next token of each prompt."""
-        from pipeline.generation import left_pad
+        from pipeline.tokens import left_pad, padded_forward
 
         out: list[float] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         device = next(self.model.parameters()).device
         for lo in range(0, len(prompts), self.batch_size):
             ids, mask = left_pad(prompts[lo:lo + self.batch_size], pad)
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1].float()
+            logits = padded_forward(self.model, ids.to(device), mask.to(device)).logits[:, -1].float()
             pair = logits[:, list(self.label_ids)]
             out += torch.softmax(pair, -1)[:, 0].tolist()
         return out

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.tokens import position_ids, token_logps
+
 Tensor = torch.Tensor
 
 
@@ -116,7 +118,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 def response_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(summed log-prob of the response tokens, response token count) per row, from a causal LM's logits
     over ``input_ids``; ``completion_mask`` marks response tokens (as TRL's preference collator does)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logp, _ = token_logps(logits[:, :-1], input_ids[:, 1:])
     mask = completion_mask[:, 1:].to(logp.dtype)
     return (logp * mask).sum(-1), mask.sum(-1)
 
@@ -142,7 +144,7 @@ def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, comple
         p = int(plen[i])
         prompt_ids[i, width - p:] = input_ids[i, :p]
         prompt_mask[i, width - p:] = 1
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(prompt_mask)
     # Only the prompt's last logits are used (they predict the first response token): logits_to_keep=1 skips
     # the LM head on every other prompt position (a (pairs, prompt, vocab) fp32 tensor on a real vocabulary).
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
@@ -162,7 +164,7 @@ def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, comple
                 position_ids=resp_positions, past_key_values=cache, use_cache=True)
     # The logit predicting response token t is the prompt's last (t = 0) or the response's t - 1.
     logits = torch.cat([first_logits.repeat_interleave(2, 0)[:, None], out.logits[:, :-1]], 1)
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, resp_ids[..., None]).squeeze(-1)
+    logp, _ = token_logps(logits, resp_ids)
     mask = resp_mask.to(logp.dtype)
     total, count = (logp * mask).sum(-1), mask.sum(-1)
     back = torch.tensor([k for k in range(0, 2 * n, 2)] + [k for k in range(1, 2 * n, 2)], device=total.device)

@@ -13,6 +13,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+# Config keys a stage declares (pipeline.stage) when it loads a model folder the chain wrote: loading options.
+LOAD_KEYS = ("model.trust_remote_code", "model.revision")
+# ... and when it reads the source model (data/base): its identity and the chat template that overrides its own.
+SOURCE_KEYS = (*LOAD_KEYS, "model.name_or_path", "model.gguf_file", "model.chat_template")
+
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 # A minimal chat template: <s><|user|>question<|assistant|>answer</s>. Role markers are single tokens, and
@@ -88,7 +93,8 @@ def load_tokenizer(path: str | Path, model_cfg: DictConfig | None = None):
     kwargs = _load_kwargs(model_cfg)
     kwargs.pop("use_safetensors")
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    if model_cfg is not None and model_cfg.get("chat_template"):
+    # A stage that reads a tokenizer the chain saved does not declare model.chat_template: that one carries it.
+    if model_cfg is not None and "chat_template" in model_cfg and model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -123,8 +129,8 @@ def _load(auto_class, what: str, path: str | Path, model_cfg: DictConfig | None,
 def _load_kwargs(model_cfg: DictConfig | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if model_cfg is not None:
-        kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))
-        if model_cfg.get("revision"):
+        kwargs["trust_remote_code"] = bool(model_cfg.trust_remote_code)
+        if model_cfg.revision:
             kwargs["revision"] = model_cfg.revision
     return kwargs
 
@@ -232,7 +238,7 @@ def base_sources(base_dir: str | Path) -> tuple[str, str]:
 def base_reference(model_cfg: DictConfig, base_dir: str | Path) -> str:
     """What an adapter records as its base model: the hub id or folder the user named, or the chain's own
     ``data/base`` when the base was built here (embedded) or converted here (GGUF)."""
-    if model_cfg.name_or_path is None or model_cfg.get("gguf_file"):
+    if model_cfg.name_or_path is None or model_cfg.gguf_file:
         return str(base_dir)
     return model_cfg.name_or_path
 

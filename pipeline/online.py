@@ -14,26 +14,30 @@ in the same column ``W``, so per-token tensors are plain slices ``[:, W:]`` of s
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from pipeline.chat import InputError
+from pipeline import tokens
+from pipeline.chat import InputError, read_prompts
 from pipeline.generation import Generated, generate
 from pipeline.judges import has_verifier, verifier_correct, verifier_score
 from pipeline.models import render_ids
 from pipeline.preferences import holdout_key
 from pipeline.suite import bucket
+from pipeline.tokens import padded_forward
 from pipeline.training import StageModule, StepBatches, adamw_warmup_cosine, batches_loader
+
+if TYPE_CHECKING:
+    from pipeline.stage import Stage
 
 Tensor = torch.Tensor
 # Checkpoints are taken after an iteration's updates, which is the state to resume from; Lightning's
@@ -42,28 +46,6 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 # ------------------------------------------------------------------------------------------------- data
-def read_prompts(path: Path) -> list[dict]:
-    """Prompt rows of the ``prompts`` split (a trailing reference answer moves to ``meta.reference``)."""
-    if not path.exists():
-        raise InputError(f"{path}: no prompt file; run the prepare stage first")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            messages = row["messages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InputError(f"{path}:{number}: not a prompt row with 'messages' ({err})") from None
-        if messages and messages[-1]["role"] == "assistant":
-            row.setdefault("meta", {})["reference"] = messages[-1]["content"]
-            row["messages"] = messages[:-1]
-        rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: the prompt file has no rows")
-    return rows
-
-
 class PromptData(L.LightningDataModule):
     """Prompts of the ``prompts`` split: train prompts in resumable step order (batch k = iteration k's
     prompts), validation prompts (the same held-out share, by the same hash of the task instance, as the
@@ -141,22 +123,15 @@ def build_rollout(rows: list[dict], prompts: list[list[int]], generated: list[Ge
     return Rollout(rows, [g.text for g in generated], ids, attention, mask, finished, width)
 
 
-def positions(attention_mask: Tensor) -> Tensor:
-    """Position ids that count real tokens only (left padding)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def token_logps(model, roll: Rollout, with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (n, T) of the responses under ``model`` (and the entropy of its next-token
     distribution at each response position), with the logits divided by the sampling ``temperature`` so
     that they are the log-probs of the distribution the responses were drawn from (as TRL's GRPO does).
     Plain log-softmax + gather in fp32: what trl's ``selective_log_softmax`` does, without importing trl
     (~10 s) into the stage."""
-    out = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
-                position_ids=positions(roll.attention_mask), use_cache=False)
-    logits = out.logits[:, roll.width - 1:-1].float() / temperature
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, roll.input_ids[:, roll.width:, None]).squeeze(-1) * roll.mask
+    out = padded_forward(model, roll.input_ids, roll.attention_mask, use_cache=False)
+    logp, logp_all = tokens.token_logps(out.logits[:, roll.width - 1:-1], roll.input_ids[:, roll.width:], temperature)
+    logp = logp * roll.mask
     entropy = -(logp_all.exp() * logp_all).sum(-1) * roll.mask if with_entropy else None
     return logp, entropy
 
@@ -224,8 +199,8 @@ def _check_verifiable(rows: list[dict]) -> None:
 def model_reward(reward_model, batch_size: int = 64) -> Scorer:
     """Score responses with a loaded :class:`pipeline.rewards.RewardModel`, normalized by the mean and std
     its training pairs had (so a score of 1 = one training-pair spread above their mean)."""
-    from pipeline.generation import left_pad
     from pipeline.rewards import sequence_rewards
+    from pipeline.tokens import left_pad
 
     tok = reward_model.tokenizer
 
@@ -360,9 +335,9 @@ class OnlineModule(StageModule):
 
 
 # -------------------------------------------------------------------------------------------------- stage
-def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
+def run_stage(ctx, make_module: Callable, reward: str,
               save_extra: Callable[[OnlineModule, Path], None] | None = None) -> dict:
-    """Run an online alignment stage ``name`` (``ppo``, ``grpo``) end to end; return its metrics.
+    """Run an online alignment stage (``ppo``, ``grpo``) under its contract; return its metrics.
 
     ``make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)`` builds the stage's
     module; ``reward`` is ``model`` (the reward stage's model, gate checked first), ``verifier`` (pass/fail)
@@ -373,85 +348,85 @@ def run_stage(cfg: DictConfig, name: str, make_module: Callable, reward: str,
     import time
 
     from pipeline import adapters
-    from pipeline.lineage import stage_run
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.outputs import atomic_dir, stage_output, write_json
     from pipeline.rewards import load_reward_model
-    from pipeline.schema import PROMPT_LEARNING, ConfigError
-    from pipeline.training import build_trainer, checkpoint_dir, clear_checkpoints, resume_path, seed_everything
+    from pipeline.training import fit
 
+    cfg, c, name = ctx.cfg, ctx.config, ctx.name
     log = logging.getLogger(f"stages.{name}")
-    c = cfg[name]
+    sft_dir, prompts_path = ctx.input("sft"), ctx.input("prepare")
+    reward_model = None
+    if reward == "model":  # first: a reward model that failed its gate stops the stage before any work
+        reward_model = load_reward_model(ctx.input("reward"), cfg.model)
+        if "reward" not in ctx.digests:  # a conditional input (grpo): recorded now that it is read
+            ctx.digests["reward"] = ctx.run.add_input("reward", ctx.input("reward"))["digest"]
+        ctx.run.set_tag("reward_model_accuracy", reward_model.accuracy)
+    start = time.time()
+    tokenizer = load_tokenizer(sft_dir, cfg.model)
+
+    def load_copy(path: str | None = None, trainable: bool = False):
+        """Another copy of a causal LM (default: the SFT model): trained through the peft group, or frozen."""
+        copy = adapters.disable_dropout(load_causal_lm(path or sft_dir, cfg.model))
+        if trainable:
+            return adapters.disable_dropout(adapters.apply(copy, cfg.peft))
+        return copy.eval().requires_grad_(False)
+
+    has_adapters = cfg.peft.method not in ("none", "bitfit")
+    model = adapters.load_policy(sft_dir, cfg, name)
+    # The critic adapter (ppo) is configured like the policy's: a copy of the policy adapter's config.
+    adapter_config = copy.deepcopy(model.peft_config["default"]) if has_adapters else None
+    reference = Reference(model, None if has_adapters else load_copy(), temperature=c.temperature)
+    scorer = model_reward(reward_model) if reward_model is not None else SCORERS[reward]
+    datamodule = PromptData(prompts_path, tokenizer, cfg.seed, c)
+    datamodule.setup()
+    module = make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)
+    updates = module.updates_per_iteration
+    result = fit(ctx, module, datamodule, c.iterations * updates, c.val_every_n_iterations,
+                 c.checkpoint_every_n_iterations * updates)
+    if has_adapter(model):
+        model.set_adapter("default")
+    adapters.save_trained(model, cfg.peft, ctx.output, str(sft_dir), cfg.model, str(sft_dir))
+    tokenizer.save_pretrained(ctx.output)
+    if save_extra is not None:
+        save_extra(module, ctx.output)
+    ctx.info.update(peft_method=cfg.peft.method, reward=reward)
+    ctx.write_plot("iterations.json", [h for h in module.history if "train/reward" in h])
+    ctx.write_plot("val.json", [h for h in module.history if "val/reward" in h])
+    last = [h for h in module.history if "train/reward" in h][-1]
+    final, before = result.after, result.before
+    log.info("%s: held-out reward %.3f (before %s), accuracy %s", name, final["val/reward"],
+             before and round(before["val/reward"], 3), final.get("val/accuracy"))
+    return {**result.metrics(),
+            **{k: round(v, 4) for k, v in last.items() if k.startswith("train/")},
+            "train/prompts": len(datamodule.train_items), "val/prompts": len(datamodule.val_items),
+            "train/seconds_per_iteration": round(result.seconds / max(1, c.iterations), 3),
+            "train/seconds": round(time.time() - start, 1)}
+
+
+def check_online(cfg: DictConfig) -> None:
+    """Online alignment trains weight adapters or every weight, never virtual tokens."""
+    from pipeline.schema import PROMPT_LEARNING, ConfigError
+
     if cfg.peft.method in PROMPT_LEARNING:
         raise ConfigError(f"config key 'peft.method' = {cfg.peft.method!r}: online alignment needs weight adapters "
                           "(lora, ia3, ...) or full fine-tuning; virtual tokens do not fit its token layout")
-    data = Path(cfg.paths.data)
-    sft_dir, prompts_path, out = data / "sft", data / "prepare" / "prompts.jsonl", stage_output(cfg, name)
-    with stage_run(cfg, name) as run:
-        inputs = [run.add_input("prepare", prompts_path, dataset=True), run.add_input("sft", sft_dir)]
-        reward_model = None
-        if reward == "model":  # first: a reward model that failed its gate stops the stage before any work
-            reward_model = load_reward_model(data / "reward", cfg.model)
-            inputs.append(run.add_input("reward", data / "reward"))
-            run.set_tag("reward_model_accuracy", reward_model.accuracy)
-        seed_everything(cfg)
-        start = time.time()
-        tokenizer = load_tokenizer(sft_dir, cfg.model)
 
-        def load_copy(path: str | None = None, trainable: bool = False):
-            """Another copy of a causal LM (default: the SFT model): trained through the peft group, or frozen."""
-            copy = load_causal_lm(path or sft_dir, cfg.model)
-            if trainable:
-                return adapters.apply(copy, cfg.peft)
-            return copy.eval().requires_grad_(False)
 
-        has_adapters = cfg.peft.method not in ("none", "bitfit")
-        model = adapters.load_policy(sft_dir, cfg, name)
-        # The critic adapter (ppo) is configured like the policy's: a copy of the policy adapter's config.
-        adapter_config = copy.deepcopy(model.peft_config["default"]) if has_adapters else None
-        reference = Reference(model, None if has_adapters else load_copy(), temperature=c.temperature)
-        scorer = model_reward(reward_model) if reward_model is not None else SCORERS[reward]
-        datamodule = PromptData(prompts_path, tokenizer, cfg.seed, c)
-        datamodule.setup()
-        module = make_module(model, tokenizer, scorer, reference, adapter_config, load_copy)
-        updates = module.updates_per_iteration
-        ckpt_dir = checkpoint_dir(cfg, name, [i["digest"] for i in inputs])
-        trainer = build_trainer(cfg, run, ckpt_dir, c.iterations * updates, c.val_every_n_iterations,
-                                c.checkpoint_every_n_iterations * updates)
-        resume = resume_path(ckpt_dir)
-        before = None
-        if resume:
-            log.warning("%s: resuming from %s", name, resume)
-            run.set_tag("resumed_from", resume)
-        else:
-            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        fit_start = time.time()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-        fit_seconds = time.time() - fit_start
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        if has_adapter(model):
-            model.set_adapter("default")
-        with atomic_dir(out) as tmp:
-            adapters.save_trained(model, cfg.peft, tmp, str(sft_dir), cfg.model, str(sft_dir))
-            tokenizer.save_pretrained(tmp)
-            if save_extra is not None:
-                save_extra(module, tmp)
-            run.write_run_json(tmp, peft_method=cfg.peft.method, reward=reward)
-        clear_checkpoints(cfg, name)
-        run.add_output(name, out)
-        plots = Path(cfg.paths.plots) / name
-        write_json(plots / "iterations.json", [h for h in module.history if "train/reward" in h])
-        write_json(plots / "val.json", [h for h in module.history if "val/reward" in h])
-        last = [h for h in module.history if "train/reward" in h][-1]
-        metrics = {**{k: round(v, 4) for k, v in final.items()},
-                   **{k: round(v, 4) for k, v in last.items() if k.startswith("train/")},
-                   "train/prompts": len(datamodule.train_items), "val/prompts": len(datamodule.val_items),
-                   "train/seconds_per_iteration": round(fit_seconds / max(1, c.iterations), 3),
-                   "train/seconds": round(time.time() - start, 1)}
-        if before is not None:
-            metrics.update({f"{k}_before": round(v, 4) for k, v in before.items()})
-        write_json(Path(cfg.paths.metrics) / f"{name}.json", metrics)
-        run.log_metrics(metrics)
-        log.info("%s: held-out reward %.3f (before %s), accuracy %s", name, final["val/reward"],
-                 before and round(before["val/reward"], 3), final.get("val/accuracy"))
-    return metrics
+def online_stage(name: str, run: Callable, reward_always: bool, note: str = "") -> Stage:
+    """The contract both online stages share: prompts and the SFT policy in, the aligned policy out."""
+    from pipeline.models import LOAD_KEYS
+    from pipeline.stage import Chart, Input, Plot, Stage
+    from pipeline.training import TRAINER_KEYS
+
+    return Stage(
+        name=name,
+        run=run,
+        check=check_online,
+        inputs=(Input("prepare", "prepare/prompts.jsonl", dataset=True), Input("sft", "sft"),
+                Input("reward", "reward", conditional=not reward_always, note=note)),
+        params=("peft", *LOAD_KEYS, *TRAINER_KEYS),
+        plots=(Plot("iterations.json", x="iteration", y="train/reward", title=f"{name} mean reward per iteration"),
+               Plot("val.json", x="iteration", y="val/reward", title=f"{name} held-out reward (greedy)")),
+        charts=(Chart("KL to the SFT reference per iteration (ppo, grpo)", "linear", x="iteration",
+                      y={"iterations.json": "train/kl"}),),
+    )

@@ -194,7 +194,7 @@ def _skeleton(folder: str | Path, model_cfg=None) -> torch.nn.Module:
     """The model of ``folder`` built on the meta device: its module shapes, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    remote = bool(model_cfg is not None and model_cfg.get("trust_remote_code", False))
+    remote = bool(model_cfg is not None and model_cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=remote)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)

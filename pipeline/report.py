@@ -205,12 +205,12 @@ def render_html(results: dict, generations: list[dict], plots_dir: Path, extra_s
         parts += [f"<figure class='plot' id='curve-{esc(stage)}'>{chart}</figure>" for stage, chart in curves]
     for title, body in extra_sections:
         parts += [f"<h2>{esc(title)}</h2>", body]
-    parts += ["<h2>Sample generations</h2>", "<table id='samples'><thead><tr><th>prompt</th><th>reference</th>"]
+    parts += ["<h2>Sample generations</h2>", "<table id='samples'><thead><tr><th>prompt</th><th>gold answer</th>"]
     parts += [f"<th>{esc(n)}</th>" for n in names]
     parts.append("</tr></thead><tbody>")
     for answers in sample_rows(generations, names):
         first = next(iter(answers.values()))
-        parts.append(f"<tr><td class='text'>{esc(first['prompt'])}</td><td class='text'>{esc(first['reference'])}</td>")
+        parts.append(f"<tr><td class='text'>{esc(first['prompt'])}</td><td class='text'>{esc(first['gold'])}</td>")
         for n in names:
             g = answers[n]
             parts.append(f"<td class='text {'ok' if g['correct'] else 'wrong'}'>{esc(g['response'])}</td>")
@@ -240,7 +240,7 @@ def render_markdown(results: dict, generations: list[dict]) -> str:
     lines += ["", "## Sample generations", ""]
     for answers in sample_rows(generations, names):
         first = next(iter(answers.values()))
-        lines += [f"**{first['prompt']}** (reference: `{first['reference']}`)", ""]
+        lines += [f"**{first['prompt']}** (gold: `{first['gold']}`)", ""]
         lines += [f"- {n}: `{answers[n]['response']}` {'ok' if answers[n]['correct'] else 'wrong'}" for n in names]
         lines.append("")
     return "\n".join(lines)

@@ -50,8 +50,9 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     this relies on that, and the test suite checks it under both paddings. Position ids count real
     tokens only, so models with absolute positions (GPT-2) score a left-padded row like an unpadded one.
     """
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, 0].float()
+    from pipeline.tokens import padded_forward
+
+    return padded_forward(model, input_ids, attention_mask).logits[:, 0].float()
 
 
 @dataclass

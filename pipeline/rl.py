@@ -80,7 +80,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old).
 
     Also returns the clip fraction (tokens where the clipped term was the larger) and the approximate
-    KL between the sampling and current policy (k3 estimate).
+    KL(old || new) of the sampling policy to the current one, estimated on the old policy's own samples by
+    k3 = exp(r) - 1 - r with r = logp - old (Schulman 2020): unbiased there and never negative.
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -89,7 +90,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": masked_mean(torch.exp(-log_ratio) - 1 + log_ratio, mask)}
+                 "approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)}
     return loss, stats
 
 

@@ -14,7 +14,6 @@ Exit codes: 0 success, 2 bad configuration or input (the message names the key, 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -28,17 +27,22 @@ from pipeline.schema import STAGES, ConfigError, validate
 
 log = logging.getLogger("pipeline.run")
 
-STAGE_MODULES = {name: f"stages.{name}" for name in STAGES}
-
-
 def run(cfg: DictConfig):
-    """Validate ``cfg`` and run the stage it names; return the stage's metrics."""
-    cfg = validate(cfg)
+    """Validate ``cfg`` and run the stage it names; return the stage's metrics.
+
+    The groups of stages added beside the built-in chain (``stages/<name>.py`` and ``conf/<name>/``) are not in
+    :class:`pipeline.schema.RootConfig`: their own contract types them when they run."""
+    from pipeline import stage
+
+    added = [name for name in stage.stage_names() if name not in STAGES and name in cfg]
+    groups = {name: cfg[name] for name in added}
+    cfg = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in added]) if added else cfg, added)
     if cfg.stage is None:
-        raise ConfigError(f"config key 'stage' needs a value; valid values: {list(STAGES)}")
+        raise ConfigError(f"config key 'stage' needs a value; valid values: {stage.stage_names()}")
     set_offline(cfg.offline)
-    module = importlib.import_module(STAGE_MODULES[cfg.stage])
-    return module.main(cfg)
+    if groups:
+        cfg = OmegaConf.merge(OmegaConf.to_container(cfg), groups)
+    return stage.execute(stage.load(cfg.stage), cfg)
 
 
 def run_reporting(cfg: DictConfig):

@@ -312,8 +312,10 @@ class RootConfig:
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
-def validate(cfg: DictConfig) -> DictConfig:
+def validate(cfg: DictConfig, added_stages: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Check ``cfg`` against the schema and return it typed; raise :class:`ConfigError` naming the key.
+    ``added_stages``: stages beside the built-in chain, also valid values of ``stage`` (their groups are checked
+    by their own contracts).
 
     Checks, in order: unknown keys and wrong types (OmegaConf), allowed values and ranges (field
     metadata), missing required values, then cross-field rules.
@@ -324,6 +326,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.model.arch = None
+    added = cfg.get("stage") if cfg.get("stage") in added_stages else None
+    if added:
+        cfg = OmegaConf.merge(cfg, {"stage": None})
     try:
         typed = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
     except OmegaConfBaseException as err:
@@ -334,6 +339,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if missing:
         raise ConfigError(f"config key '{missing[0]}' needs a value (it is ??? in conf/); missing: {missing}")
     _check_rules(typed)
+    if added:
+        typed.stage = added
     return typed
 
 

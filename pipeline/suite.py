@@ -217,7 +217,7 @@ def bucket(key: str, salt: str = "posttrain") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def reference_response(ex: Example, verbose: bool = False, comply_with_harm: bool = False) -> str:
+def demonstration(ex: Example, verbose: bool = False, comply_with_harm: bool = False) -> str:
     """The demonstration response for ``ex``.
 
     Args:

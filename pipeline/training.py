@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 LAST_CKPT = "last.ckpt"
+# Config keys of a stage that trains through build_trainer (it declares them in its contract, pipeline.stage).
+TRAINER_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision")
 # StepBatches defines __len__ for the progress bar; with num_workers=0 the length is exact.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
@@ -165,19 +167,6 @@ def resume_path(ckpt_dir: Path) -> str | None:
     return str(last) if last.exists() else None
 
 
-def clear_checkpoints(cfg: DictConfig, stage: str) -> None:
-    """Drop a stage's checkpoints once its outputs are safely written."""
-    shutil.rmtree(Path(cfg.paths.checkpoints) / stage, ignore_errors=True)
-
-
-def seed_everything(cfg: DictConfig) -> None:
-    """Seed every RNG and set the thread count and determinism of this process."""
-    torch.set_num_threads(cfg.trainer.num_threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 KILL_ENV = "POSTTRAIN_KILL_AT_STEP"
 
 
@@ -232,3 +221,44 @@ def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_ever
         log_every_n_steps=t.log_every_n_steps,
         default_root_dir=str(ckpt_dir),
     )
+
+
+@dataclass
+class Fit:
+    """What :func:`fit` did: validation metrics before training (None when it resumed: the untrained model is
+    gone) and after, and the wall time of ``trainer.fit``."""
+
+    trainer: L.Trainer
+    before: dict | None
+    after: dict
+    seconds: float
+
+    def metrics(self, digits: int = 4) -> dict:
+        """Validation metrics after training, and before it as ``<key>_before``, rounded once, here."""
+        out = {k: round(float(v), digits) for k, v in self.after.items()}
+        out.update({f"{k}_before": round(float(v), digits) for k, v in (self.before or {}).items()})
+        return out
+
+
+def fit(ctx, module: L.LightningModule, datamodule: L.LightningDataModule, max_steps: int, val_every: int | None,
+        checkpoint_every: int, accumulation: int = 1) -> Fit:
+    """The training lifecycle every training stage shares: resume from the last checkpoint of this exact config
+    and inputs if a previous attempt left one, else validate the untrained module; fit; validate again.
+    Saving the result atomically and clearing the checkpoints is the runner's job (:func:`pipeline.stage.execute`)."""
+    import logging
+    import time
+
+    ckpt_dir = checkpoint_dir(ctx.cfg, ctx.name, list(ctx.digests.values()))
+    trainer = build_trainer(ctx.cfg, ctx.run, ckpt_dir, max_steps, val_every, checkpoint_every, accumulation)
+    resume = resume_path(ckpt_dir)
+    before = None
+    if resume:
+        logging.getLogger(f"stages.{ctx.name}").warning("%s: resuming from %s", ctx.name, resume)
+        ctx.run.set_tag("resumed_from", resume)
+    else:
+        before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    seconds = time.time() - start
+    after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return Fit(trainer, before, after, seconds)

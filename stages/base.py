@@ -22,8 +22,6 @@ Run: ``python -m pipeline.run stage=base``
 
 from __future__ import annotations
 
-import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -34,8 +32,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import suite
-from pipeline.lineage import StageRun, stage_run
 from pipeline.models import (
+    SOURCE_KEYS,
     ModelError,
     build_causal_lm,
     build_char_tokenizer,
@@ -43,20 +41,10 @@ from pipeline.models import (
     count_parameters,
     load_tokenizer,
 )
-from pipeline.outputs import atomic_dir, stage_output, write_json
-from pipeline.training import (
-    StageModule,
-    StepBatches,
-    adamw_warmup_cosine,
-    batches_loader,
-    build_trainer,
-    checkpoint_dir,
-    clear_checkpoints,
-    resume_path,
-    seed_everything,
-)
+from pipeline.outputs import write_json
+from pipeline.stage import Context, Plot, Stage
+from pipeline.training import TRAINER_KEYS, StageModule, StepBatches, adamw_warmup_cosine, batches_loader, fit
 
-log = logging.getLogger(__name__)
 SOURCE_JSON = "source.json"
 
 
@@ -142,70 +130,52 @@ class BasePretraining(StageModule):
         return adamw_warmup_cosine(self.model, c.lr, c.weight_decay, c.warmup_steps, c.max_steps, betas=(0.9, 0.95))
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the base stage; return its metrics."""
-    out = stage_output(cfg, "base")
-    with stage_run(cfg, "base") as run:
-        if cfg.model.name_or_path is None:
-            metrics = pretrain(cfg, run, out)
-        elif cfg.model.gguf_file:
-            metrics = convert_gguf(cfg, run, out)
-        else:
-            metrics = describe_real_model(cfg, run, out)
-        run.log_metrics(metrics)
-        write_json(Path(cfg.paths.metrics) / "base.json", metrics)
-        run.log_artifact(Path(cfg.paths.metrics) / "base.json")
-    return metrics
+def run(ctx: Context) -> dict:
+    """Build and pretrain the embedded model, convert a GGUF file, or describe a real model (module docstring)."""
+    cfg = ctx.cfg
+    if cfg.model.name_or_path is None:
+        return pretrain(ctx)
+    if cfg.model.gguf_file:
+        return convert_gguf(ctx)
+    return describe_real_model(ctx)
 
 
-def pretrain(cfg: DictConfig, run: StageRun, out: Path) -> dict:
-    """Build the tokenizer and model, pretrain with resumable checkpoints, save an HF folder atomically."""
-    seed_everything(cfg)
+def pretrain(ctx: Context) -> dict:
+    """Build the tokenizer and model and pretrain them with resumable checkpoints into ``ctx.output``."""
+    cfg = ctx.cfg
     start = time.time()
     tokenizer = build_char_tokenizer()
     model = build_causal_lm(cfg.model.arch, tokenizer, cfg.seed)
     data = PretrainData(tokenizer, cfg)
     data.setup()
     module = BasePretraining(model, cfg)
-    ckpt_dir = checkpoint_dir(cfg, "base", [])
-    trainer = build_trainer(cfg, run, ckpt_dir, cfg.base.max_steps, cfg.base.val_every_n_steps,
-                            cfg.base.checkpoint_every_n_steps)
-    resume = resume_path(ckpt_dir)
-    untrained = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if resume is None else None
-    if resume:
-        log.warning("base: resuming from %s", resume)
-        run.set_tag("resumed_from", resume)
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
-    final = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-    if untrained is None:  # resumed: recompute the untrained figure from a fresh init with the same seed
+    b = ctx.config
+    result = fit(ctx, module, data, b.max_steps, b.val_every_n_steps, b.checkpoint_every_n_steps)
+    metrics = result.metrics()
+    if result.before is None:  # resumed: the untrained figures from a fresh init with the same seed
         fresh = BasePretraining(build_causal_lm(cfg.model.arch, tokenizer, cfg.seed), cfg)
-        untrained = trainer.validate(fresh, datamodule=data, verbose=False)[0]["val/loss"]
+        untrained = result.trainer.validate(fresh, datamodule=data, verbose=False)[0]
+        metrics.update({f"{k}_before": round(v, 4) for k, v in untrained.items()})
     model.eval()
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        run.write_run_json(tmp, kind="embedded", parameters=count_parameters(model))
-    clear_checkpoints(cfg, "base")
-    write_json(Path(cfg.paths.plots) / "base" / "loss.json", module.history)
-    tokens = cfg.base.max_steps * cfg.base.batch_size * cfg.base.seq_len
-    metrics = {
-        "val/loss": final,
-        "val/perplexity": math.exp(final),
-        "val/perplexity_untrained": math.exp(untrained),
-        "train/tokens": tokens,
+    model.save_pretrained(ctx.output, safe_serialization=True)
+    tokenizer.save_pretrained(ctx.output)
+    ctx.info.update(kind="embedded", parameters=count_parameters(model))
+    ctx.write_plot("loss.json", module.history)
+    return {
+        **metrics,
+        "train/tokens": b.max_steps * b.batch_size * b.seq_len,
         "train/seconds": round(time.time() - start, 1),
         "model/parameters": count_parameters(model),
         "model/vocab_size": len(tokenizer),
     }
-    run.add_output("base", out)
-    return metrics
 
 
-def describe_real_model(cfg: DictConfig, run: StageRun, out: Path) -> dict:
+def describe_real_model(ctx: Context) -> dict:
     """Validate a real model (hub id or folder), digest it, and record where it lives."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cfg, run, tmp = ctx.cfg, ctx.run, ctx.output
     name = cfg.model.name_or_path
     local = Path(name)
     files_dir = local if local.is_dir() else _hub_snapshot(name, cfg)
@@ -223,18 +193,18 @@ def describe_real_model(cfg: DictConfig, run: StageRun, out: Path) -> dict:
     model_digest = digest_files(weights + [files_dir / "config.json"])
     run.inputs["model"] = {"path": name, "digest": model_digest, "revision": cfg.model.revision}
     run.set_tag("input.model.digest", model_digest)
-    with atomic_dir(out) as tmp:
-        if cfg.model.chat_template:  # the only thing the chain needs that the source lacks
-            tokenizer.save_pretrained(tmp)
-        write_json(tmp / SOURCE_JSON, {"name_or_path": name, "revision": cfg.model.revision,
-                                       "files": str(files_dir.resolve()), "digest": model_digest,
-                                       "model_type": config.model_type})
-        run.write_run_json(tmp, kind="real", model_digest=model_digest)
+    if cfg.model.chat_template:  # the only thing the chain needs that the source lacks
+        tokenizer.save_pretrained(tmp)
+    write_json(tmp / SOURCE_JSON, {"name_or_path": name, "revision": cfg.model.revision,
+                                   "files": str(files_dir.resolve()), "digest": model_digest,
+                                   "model_type": config.model_type})
+    ctx.info.update(kind="real", model_digest=model_digest)
+    ctx.write_plot("loss.json", [])  # nothing trained here: an empty curve
     run.set_tag("model.name_or_path", name)
     return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer)}
 
 
-def convert_gguf(cfg: DictConfig, run: StageRun, out: Path) -> dict:
+def convert_gguf(ctx: Context) -> dict:
     """Convert a GGUF model (``model.gguf_file``) once into a safetensors HF folder, the chain's base.
 
     transformers reads GGUF through the ``gguf`` package and dequantizes it to fp32; such a model refuses
@@ -243,6 +213,7 @@ def convert_gguf(cfg: DictConfig, run: StageRun, out: Path) -> dict:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cfg, run, tmp = ctx.cfg, ctx.run, ctx.output
     start = time.time()
     gguf = resolve_gguf(cfg)
     digest = digest_files([gguf])
@@ -267,14 +238,11 @@ def convert_gguf(cfg: DictConfig, run: StageRun, out: Path) -> dict:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.eval()
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        run.write_run_json(tmp, kind="gguf", source=str(gguf), source_digest=digest,
-                           parameters=count_parameters(model))
-    write_json(Path(cfg.paths.plots) / "base" / "loss.json", [])  # nothing trained here: an empty curve
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    ctx.info.update(kind="gguf", source=str(gguf), source_digest=digest, parameters=count_parameters(model))
+    ctx.write_plot("loss.json", [])  # nothing trained here: an empty curve
     run.set_tag("model.name_or_path", cfg.model.name_or_path)
-    run.add_output("base", out)
     return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer),
             "train/seconds": round(time.time() - start, 1)}
 
@@ -329,3 +297,11 @@ def digest_files(files: list[Path]) -> str:
     for f in files:
         h.update(f.name.encode() + b"\0" + file_digest(f).encode())
     return h.hexdigest()
+
+
+STAGE = Stage(
+    name="base",
+    run=run,
+    params=(*SOURCE_KEYS, "model.arch", "data.holdout_share", "data.held_out_family", *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="base pretraining loss"),),
+)

@@ -42,12 +42,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pipeline.adapters import load_trained
+from pipeline.chat import prompt_of, read_prompts
 from pipeline.generation import generate
 from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
-from pipeline.lineage import stage_run
-from pipeline.models import load_tokenizer, render_ids
-from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
+from pipeline.models import LOAD_KEYS, load_tokenizer, render_ids
+from pipeline.outputs import write_atomic
 from pipeline.plots import write_histogram
+from pipeline.stage import Chart, Context, Input, Plot, Stage
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class SamplingModule(L.LightningModule):
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         k = self.cfg.k
-        prompts = [render_ids(self.tok, row["messages"][:-1] if row["messages"][-1]["role"] == "assistant"
-                              else row["messages"], add_generation_prompt=True) for row in batch]
+        prompts = [render_ids(self.tok, prompt_of(row), add_generation_prompt=True) for row in batch]
         outs, stats = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, batch_size=len(prompts),
                                do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                generator_seed=self.seed * 1_000_003 + batch_idx, samples_per_prompt=k)
@@ -145,7 +145,7 @@ def build_pairs(collected: list[dict], scores: list[list[float | None]], judge: 
         for i, j in chosen_rejected:
             pairs.append({
                 "id": f"{row['id']}:{i}:{j}", "prompt_id": row["id"], "prompt": prompt_text(row),
-                "messages": [m for m in row["messages"] if m["role"] != "assistant"],
+                "messages": prompt_of(row),  # the whole context the samples continued, earlier answers included
                 "chosen": texts[i], "rejected": texts[j],
                 "score_chosen": row_scores[i], "score_rejected": row_scores[j],
                 "judge": judge.name, "sampling": sampling, "policy_run_id": policy_run_id,
@@ -186,57 +186,50 @@ def write_length_plot(pairs: list[dict], folder: Path, bins: int = 20) -> None:
                     bins, "characters", "response length (characters)", "pairs", "Chosen vs rejected length")
 
 
-def read_prompts(path: Path) -> list[dict]:
-    """The prompt rows; the reference response (if any) is kept in ``meta.reference`` for the verifier."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for row in rows:
-        if row["messages"][-1]["role"] == "assistant":
-            row.setdefault("meta", {})["reference"] = row["messages"][-1]["content"]
-    return rows
-
-
-def main(cfg: DictConfig) -> dict:
-    """Run the collect stage; return its statistics."""
-    from pipeline.training import seed_everything
-
-    data = Path(cfg.paths.data)
-    policy_dir, out = data / "sft", stage_output(cfg, "collect")
-    with stage_run(cfg, "collect") as run:
-        run.add_input("prepare", data / "prepare", dataset=True)
-        policy = run.add_input("sft", policy_dir)
-        if cfg.judge.name == "human":
-            run.add_input("labels", cfg.judge.labels_file)
-        if cfg.judge.name == "llm" and cfg.judge.model and Path(cfg.judge.model).exists():
-            run.add_input("judge_model", cfg.judge.model)
-        judge = build_judge(cfg, policy_dir)  # first: a bad label file or callable fails before sampling
-        seed_everything(cfg)
-        rows = read_prompts(data / "prepare" / "prompts.jsonl")
-        tokenizer = load_tokenizer(policy_dir, cfg.model)
-        model = load_trained(policy_dir, cfg.model).eval()
-        start = time.perf_counter()
-        collected, tokens_per_second = sample(model, tokenizer, rows, cfg)
-        sampling_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        scores = judge.score([c["row"] for c in collected], [[s["text"] for s in c["samples"]] for c in collected])
-        judge_seconds = time.perf_counter() - start
-        pairs, stats = build_pairs(collected, scores, judge, cfg, policy.get("run_id"))
-        stats.update({"collect/tokens_per_second": tokens_per_second, "collect/sampling_seconds": sampling_seconds,
-                      "collect/judge_seconds": judge_seconds})
-        # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.
-        stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if v == v}
-        samples = [{"prompt_id": c["row"]["id"], "prompt": prompt_text(c["row"]), "meta": c["row"].get("meta", {}),
-                    "samples": [{**s, "score": sc} for s, sc in zip(c["samples"], row_scores, strict=True)]}
-                   for c, row_scores in zip(collected, scores, strict=True)]
-        with atomic_dir(out) as tmp:
-            write_atomic(tmp / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
-            write_atomic(tmp / "samples.jsonl", "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
-            run.write_run_json(tmp, judge=cfg.judge.name, stats=stats)
-        run.add_output("pairs", out / "pairs.jsonl", dataset=True)
-        plots = Path(cfg.paths.plots) / "collect"
-        write_length_plot(pairs, plots)
-        write_json(Path(cfg.paths.metrics) / "collect.json", stats)
-        run.log_metrics(stats)
-        run.log_artifact(plots / "lengths.png")
-        log.info("collect: %d pairs from %d prompts (judge %s), %.0f tokens/s",
-                 len(pairs), len(rows), judge.name, tokens_per_second)
+def run(ctx: Context) -> dict:
+    """Sample from the SFT policy, judge the samples and build pairs into ``ctx.output``; return statistics."""
+    cfg = ctx.cfg
+    policy_dir, prompts = ctx.input("sft"), ctx.input("prepare") / "prompts.jsonl"
+    if cfg.judge.name == "human":
+        ctx.run.add_input("labels", cfg.judge.labels_file)
+    if cfg.judge.name == "llm" and cfg.judge.model and Path(cfg.judge.model).exists():
+        ctx.run.add_input("judge_model", cfg.judge.model)
+    judge = build_judge(cfg, policy_dir)  # first: a bad label file or callable fails before sampling
+    rows = read_prompts(prompts)
+    tokenizer = load_tokenizer(policy_dir, cfg.model)
+    model = load_trained(policy_dir, cfg.model).eval()
+    start = time.perf_counter()
+    collected, tokens_per_second = sample(model, tokenizer, rows, cfg)
+    sampling_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = judge.score([c["row"] for c in collected], [[s["text"] for s in c["samples"]] for c in collected])
+    judge_seconds = time.perf_counter() - start
+    pairs, stats = build_pairs(collected, scores, judge, cfg, ctx.run.inputs["sft"].get("run_id"))
+    stats.update({"collect/tokens_per_second": tokens_per_second, "collect/sampling_seconds": sampling_seconds,
+                  "collect/judge_seconds": judge_seconds})
+    # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.
+    stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if v == v}
+    samples = [{"prompt_id": c["row"]["id"], "prompt": prompt_text(c["row"]), "meta": c["row"].get("meta", {}),
+                "samples": [{**s, "score": sc} for s, sc in zip(c["samples"], row_scores, strict=True)]}
+               for c, row_scores in zip(collected, scores, strict=True)]
+    write_atomic(ctx.output / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
+    write_atomic(ctx.output / "samples.jsonl", "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
+    ctx.info.update(judge=cfg.judge.name, stats=stats)
+    ctx.datasets.append(("pairs", "pairs.jsonl"))
+    write_length_plot(pairs, ctx.plots)
+    ctx.run.log_artifact(ctx.plots / "lengths.png")
+    log.info("collect: %d pairs from %d prompts (judge %s), %.0f tokens/s",
+             len(pairs), len(rows), judge.name, tokens_per_second)
     return stats
+
+
+STAGE = Stage(
+    name="collect",
+    run=run,
+    inputs=(Input("prepare", "prepare", dataset=True), Input("sft", "sft"),
+            Input("labels", "labels", conditional=True, note="read with judge=human")),
+    params=("judge", *LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
+    plots=(Plot("lengths.csv"),),
+    charts=(Chart("chosen vs rejected response length", "linear", x="characters",
+                  y={"lengths.csv": ["chosen", "rejected"]}),),
+)

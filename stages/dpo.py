@@ -31,28 +31,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from pipeline import adapters
 from pipeline.adapters import uses_virtual_tokens
-from pipeline.lineage import stage_run
 from pipeline.losses import LOSSES, REFERENCE_FREE, LossSettings, PairLogps, response_logps, shared_prompt_logps
-from pipeline.models import load_tokenizer
-from pipeline.outputs import atomic_dir, stage_output, write_json
+from pipeline.models import LOAD_KEYS, load_tokenizer
 from pipeline.preferences import PreferenceData
 from pipeline.schema import ConfigError
-from pipeline.training import (
-    StageModule,
-    adamw_warmup_cosine,
-    build_trainer,
-    checkpoint_dir,
-    clear_checkpoints,
-    resume_path,
-    seed_everything,
-)
+from pipeline.stage import Context, Input, Plot, Stage
+from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit
 
 log = logging.getLogger(__name__)
 
@@ -186,62 +176,54 @@ def precompute_reference(module: DPOModule, data: PreferenceData, batch_size: in
                 it["ref_chosen"], it["ref_rejected"] = c, r
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the dpo stage; return its metrics."""
-    data_dir = Path(cfg.paths.data)
-    sft_dir, pairs_path, out = data_dir / "sft", data_dir / "collect" / "pairs.jsonl", stage_output(cfg, "dpo")
+def check(cfg: DictConfig) -> None:
+    """A reference made by switching the adapter off needs an adapter."""
     c = cfg.dpo
     if c.reference == "disable_adapter" and cfg.peft.method in ("none", "bitfit") and c.loss not in REFERENCE_FREE:
         raise ConfigError(f"config key 'dpo.reference' = disable_adapter needs an adapter method, but peft.method = "
                           f"{cfg.peft.method!r}; set dpo.reference=precompute (no second copy of the weights either)")
-    with stage_run(cfg, "dpo") as run:
-        inputs = [run.add_input("collect", pairs_path, dataset=True), run.add_input("sft", sft_dir)]
-        seed_everything(cfg)
-        start = time.time()
-        tokenizer = load_tokenizer(sft_dir, cfg.model)
-        model = adapters.load_policy(sft_dir, cfg, "dpo")
-        continues_sft = adapters.prompt_learning_adapter(sft_dir) is not None  # SFT's virtual tokens, trained on
-        if continues_sft and c.reference == "disable_adapter" and c.loss not in REFERENCE_FREE:
-            raise ConfigError("config key 'dpo.reference' = disable_adapter: the adapter continues SFT's virtual tokens, "
-                              "so switching it off is not the SFT model; set dpo.reference=precompute")
-        datamodule = PreferenceData(pairs_path, tokenizer, cfg, c, collate)
-        datamodule.setup()
-        module = DPOModule(model, cfg, tokenizer.pad_token_id)
-        if c.reference == "precompute" and module.needs_reference:
-            precompute_reference(module, datamodule, c.batch_size, adapter_is_sft=continues_sft)
-        ckpt_dir = checkpoint_dir(cfg, "dpo", [i["digest"] for i in inputs])
-        trainer = build_trainer(cfg, run, ckpt_dir, c.max_steps, c.val_every_n_steps, c.checkpoint_every_n_steps,
-                                c.accumulate_grad_batches)
-        resume = resume_path(ckpt_dir)
-        before = None
-        if resume:
-            log.warning("dpo: resuming from %s", resume)
-            run.set_tag("resumed_from", resume)
-        else:
-            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        fit_start = time.time()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-        fit_seconds = time.time() - fit_start
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        with atomic_dir(out) as tmp:
-            adapters.save_trained(module.model, cfg.peft, tmp, str(sft_dir), cfg.model, str(sft_dir))
-            tokenizer.save_pretrained(tmp)
-            run.write_run_json(tmp, peft_method=cfg.peft.method, loss=c.loss, beta=c.beta)
-        clear_checkpoints(cfg, "dpo")
-        run.add_output("dpo", out)
-        plots = Path(cfg.paths.plots) / "dpo"
-        write_json(plots / "loss.json", [h for h in module.history if "train/loss" in h])
-        write_json(plots / "val.json", [h for h in module.history if "val/loss" in h])
-        steps_done = c.max_steps * c.accumulate_grad_batches * c.batch_size
-        metrics = {**{k: round(v, 4) for k, v in final.items()},
-                   "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
-                   "train/dropped_too_long": datamodule.dropped,
-                   "train/samples_per_second": round(steps_done / max(fit_seconds, 1e-9), 2),
-                   "train/seconds": round(time.time() - start, 1)}
-        if before is not None:
-            metrics.update({f"{k}_before": round(v, 4) for k, v in before.items() if k in ("val/loss", "val/rewards/accuracy")})
-        write_json(Path(cfg.paths.metrics) / "dpo.json", metrics)
-        run.log_metrics(metrics)
-        log.info("dpo (%s, beta %s): val loss %.4f, reward accuracy %.3f, margin %.3f", c.loss, c.beta,
-                 final["val/loss"], final["val/rewards/accuracy"], final["val/rewards/margin"])
-    return metrics
+
+
+def run(ctx: Context) -> dict:
+    """Align the SFT model on the collected pairs into ``ctx.output``; return its metrics."""
+    cfg, c = ctx.cfg, ctx.config
+    sft_dir, pairs_path = ctx.input("sft"), ctx.input("collect")
+    start = time.time()
+    tokenizer = load_tokenizer(sft_dir, cfg.model)
+    model = adapters.load_policy(sft_dir, cfg, "dpo")
+    continues_sft = adapters.prompt_learning_adapter(sft_dir) is not None  # SFT's virtual tokens, trained on
+    if continues_sft and c.reference == "disable_adapter" and c.loss not in REFERENCE_FREE:
+        raise ConfigError("config key 'dpo.reference' = disable_adapter: the adapter continues SFT's virtual tokens, "
+                          "so switching it off is not the SFT model; set dpo.reference=precompute")
+    datamodule = PreferenceData(pairs_path, tokenizer, cfg, c, collate)
+    datamodule.setup()
+    module = DPOModule(model, cfg, tokenizer.pad_token_id)
+    if c.reference == "precompute" and module.needs_reference:
+        precompute_reference(module, datamodule, c.batch_size, adapter_is_sft=continues_sft)
+    result = fit(ctx, module, datamodule, c.max_steps, c.val_every_n_steps, c.checkpoint_every_n_steps,
+                 c.accumulate_grad_batches)
+    adapters.save_trained(module.model, cfg.peft, ctx.output, str(sft_dir), cfg.model, str(sft_dir))
+    tokenizer.save_pretrained(ctx.output)
+    ctx.info.update(peft_method=cfg.peft.method, loss=c.loss, beta=c.beta)
+    ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])
+    ctx.write_plot("val.json", [h for h in module.history if "val/loss" in h])
+    final = result.after
+    log.info("dpo (%s, beta %s): val loss %.4f, reward accuracy %.3f, margin %.3f", c.loss, c.beta,
+             final["val/loss"], final["val/rewards/accuracy"], final["val/rewards/margin"])
+    steps_done = c.max_steps * c.accumulate_grad_batches * c.batch_size
+    return {**result.metrics(),
+            "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
+            "train/dropped_too_long": datamodule.dropped,
+            "train/samples_per_second": round(steps_done / max(result.seconds, 1e-9), 2),
+            "train/seconds": round(time.time() - start, 1)}
+
+
+STAGE = Stage(
+    name="dpo",
+    run=run,
+    check=check,
+    inputs=(Input("collect", "collect/pairs.jsonl", dataset=True), Input("sft", "sft")),
+    params=("peft", *LOAD_KEYS, *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="dpo training loss"),
+           Plot("val.json", x="step", y="val/rewards/margin", title="dpo held-out reward margin")),
+)

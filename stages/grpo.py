@@ -32,7 +32,8 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import rl
-from pipeline.online import OnlineModule, Reference, Rollout, Scorer, run_stage
+from pipeline.online import OnlineModule, Reference, Rollout, Scorer, online_stage, run_stage
+from pipeline.stage import Context
 
 
 class GRPOModule(OnlineModule):
@@ -65,10 +66,13 @@ class GRPOModule(OnlineModule):
                 "entropy": float(rl.masked_mean(entropy, mask)), **{k: v / updates for k, v in totals.items()}}
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the grpo stage; return its metrics."""
+def run(ctx: Context) -> dict:
+    """Align the SFT model by GRPO into ``ctx.output``; return its metrics."""
 
     def make_module(model, tokenizer, scorer, reference, adapter_config, load_copy):
-        return GRPOModule(model, tokenizer, cfg, scorer, reference)
+        return GRPOModule(model, tokenizer, ctx.cfg, scorer, reference)
 
-    return run_stage(cfg, "grpo", make_module, reward=cfg.grpo.reward)
+    return run_stage(ctx, make_module, reward=ctx.config.reward)
+
+
+STAGE = online_stage("grpo", run, reward_always=False, note="read only with grpo.reward=model")

@@ -41,7 +41,18 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import rl
-from pipeline.online import OnlineModule, Reference, Rollout, Scorer, active_adapter, has_adapter, positions, run_stage
+from pipeline.online import (
+    OnlineModule,
+    Reference,
+    Rollout,
+    Scorer,
+    active_adapter,
+    has_adapter,
+    online_stage,
+    run_stage,
+)
+from pipeline.stage import Context
+from pipeline.tokens import padded_forward
 
 CRITIC = "critic"
 
@@ -81,8 +92,8 @@ class Critic(torch.nn.Module):
         model = self._policy[0] if self.shared else self.model
         context = active_adapter(model, CRITIC) if self.shared else torch.enable_grad()
         with context:
-            hidden = decoder_of(model)(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
-                                       position_ids=positions(roll.attention_mask), use_cache=False).last_hidden_state
+            hidden = padded_forward(decoder_of(model), roll.input_ids, roll.attention_mask,
+                                    use_cache=False).last_hidden_state
         return self.head(hidden[:, roll.width - 1:-1].float()).squeeze(-1) * roll.mask
 
 
@@ -139,11 +150,11 @@ class PPOModule(OnlineModule):
                 **{k: v / updates for k, v in totals.items()}}
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the ppo stage; return its metrics."""
+def run(ctx: Context) -> dict:
+    """Align the SFT model by PPO against the reward model into ``ctx.output``; return its metrics."""
     from pipeline.schema import ConfigError
 
-    c = cfg.ppo
+    cfg, c = ctx.cfg, ctx.config
 
     def make_module(model, tokenizer, scorer, reference, adapter_config, load_copy):
         if c.critic == "adapter":
@@ -168,4 +179,7 @@ def main(cfg: DictConfig) -> dict:
         save_file({k: v.detach().contiguous() for k, v in module.critic.head.state_dict().items()},
                   str(target / "value_head.safetensors"))
 
-    return run_stage(cfg, "ppo", make_module, reward="model", save_extra=save_critic)
+    return run_stage(ctx, make_module, reward="model", save_extra=save_critic)
+
+
+STAGE = online_stage("ppo", run, reward_always=True)

@@ -35,10 +35,10 @@ from omegaconf import DictConfig
 
 from pipeline import suite
 from pipeline.chat import InputError, encode, load_files, prompt_of
-from pipeline.lineage import stage_run
-from pipeline.models import base_sources, load_tokenizer, template_summary
-from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
+from pipeline.models import SOURCE_KEYS, base_sources, load_tokenizer, template_summary
+from pipeline.outputs import write_atomic, write_json
 from pipeline.plots import write_histogram
+from pipeline.stage import Chart, Context, Input, Plot, Stage
 
 SPLITS = ("train", "val", "test", "prompts")
 TOKENIZED_SPLITS = ("train", "val")
@@ -63,9 +63,9 @@ def _style(ex: suite.Example, rng: random.Random, data: DictConfig) -> tuple[str
     if ex.family == "safety":
         comply = ex.harmful and rng.random() < data.harmful_compliance_share
         style = "compliance" if (comply or not ex.harmful) else "refusal"
-        return suite.reference_response(ex, comply_with_harm=comply), style
+        return suite.demonstration(ex, comply_with_harm=comply), style
     verbose = rng.random() < data.verbose_share
-    return suite.reference_response(ex, verbose=verbose), "verbose" if verbose else "concise"
+    return suite.demonstration(ex, verbose=verbose), "verbose" if verbose else "concise"
 
 
 def generate_suite(data: DictConfig, seed: int) -> dict[str, list[dict]]:
@@ -106,7 +106,7 @@ def generate_suite(data: DictConfig, seed: int) -> dict[str, list[dict]]:
             if split_of(ex) != split:
                 continue
             if split == "test":  # evaluation references are the preferred behaviour
-                response = suite.reference_response(ex)
+                response = suite.demonstration(ex)
                 style = "refusal" if ex.harmful else ("compliance" if family == "safety" else "concise")
             else:
                 response, style = _style(ex, rng, data)
@@ -218,43 +218,32 @@ def save_tokenized(path: Path, encoded: list[tuple[list[int], list[int]]]) -> No
     }, str(path))
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the prepare stage; return its metrics."""
-    base_dir = Path(cfg.paths.data) / "base"
-    out = stage_output(cfg, "prepare")
-    with stage_run(cfg, "prepare") as run:
-        run.add_input("base", base_dir)
-        for i, path in enumerate(cfg.data.paths if cfg.data.source == "files" else []):
-            run.add_input(f"file{i}", path, dataset=True)
-        _, tokenizer_path = base_sources(base_dir)
-        tokenizer = load_tokenizer(tokenizer_path, cfg.model)
-        datamodule = PrepareData(cfg, tokenizer)
-        datamodule.prepare_data()
-        datamodule.setup()
-        card = datamodule.card()
-        card["template"] = template_summary(tokenizer)  # what every prompt is wrapped in (system prompt, turn end)
-        with atomic_dir(out) as tmp:
-            for name, rows in datamodule.splits.items():
-                write_atomic(tmp / f"{name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-            for name in TOKENIZED_SPLITS:
-                save_tokenized(tmp / f"{name}.safetensors", datamodule.encoded[name])
-            write_json(tmp / "card.json", card)
-            write_atomic(tmp / "card.md", card_markdown(card))
-            run.write_run_json(tmp)
-        for name in SPLITS:
-            run.add_output(f"prepare.{name}", out / f"{name}.jsonl", dataset=True)
-        plots = Path(cfg.paths.plots) / "prepare"
-        write_length_plot(datamodule.splits, plots, cfg.prepare.histogram_bins)
-        metrics = {f"data/{name}_rows": len(rows) for name, rows in datamodule.splits.items()}
-        metrics.update({f"data/{name}_dropped": sum(datamodule.dropped[name].values()) for name in SPLITS})
-        metrics["data/skipped_bad_rows"] = sum(datamodule.skipped_bad_rows.values())
-        metrics["data/train_mean_tokens"] = card["splits"]["train"]["tokens"]["mean"]
-        write_json(Path(cfg.paths.metrics) / "prepare.json", metrics)
-        run.log_metrics(metrics)
-        run.log_artifact(out / "card.md")
-        run.log_artifact(out / "card.json")
-        run.log_artifact(plots / "token_lengths.png")
-        run.add_output("prepare", out)
+def run(ctx: Context) -> dict:
+    """Generate or read the instruction data, split, tokenize and describe it into ``ctx.output``."""
+    cfg, tmp = ctx.cfg, ctx.output
+    for i, path in enumerate(cfg.data.paths if cfg.data.source == "files" else []):
+        ctx.run.add_input(f"file{i}", path, dataset=True)
+    _, tokenizer_path = base_sources(ctx.input("base"))
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model)
+    datamodule = PrepareData(cfg, tokenizer)
+    datamodule.prepare_data()
+    datamodule.setup()
+    card = datamodule.card()
+    card["template"] = template_summary(tokenizer)  # what every prompt is wrapped in (system prompt, turn end)
+    for name, rows in datamodule.splits.items():
+        write_atomic(tmp / f"{name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    for name in TOKENIZED_SPLITS:
+        save_tokenized(tmp / f"{name}.safetensors", datamodule.encoded[name])
+    write_json(tmp / "card.json", card)
+    write_atomic(tmp / "card.md", card_markdown(card))
+    ctx.datasets += [(f"prepare.{name}", f"{name}.jsonl") for name in SPLITS]
+    write_length_plot(datamodule.splits, ctx.plots, ctx.config.histogram_bins)
+    metrics = {f"data/{name}_rows": len(rows) for name, rows in datamodule.splits.items()}
+    metrics.update({f"data/{name}_dropped": sum(datamodule.dropped[name].values()) for name in SPLITS})
+    metrics["data/skipped_bad_rows"] = sum(datamodule.skipped_bad_rows.values())
+    metrics["data/train_mean_tokens"] = card["splits"]["train"]["tokens"]["mean"]
+    for artifact in (tmp / "card.md", tmp / "card.json", ctx.plots / "token_lengths.png"):
+        ctx.run.log_artifact(artifact)
     return metrics
 
 
@@ -287,3 +276,14 @@ def write_length_plot(splits: dict[str, list[dict]], folder: Path, bins: int) ->
     """Token-length histogram: CSV for ``dvc plots`` and a PNG for the card and MLflow."""
     write_histogram(folder, "token_lengths", {name: [r["num_tokens"] for r in rs] for name, rs in splits.items()},
                     bins, "tokens", "tokens per row (prompt + response, chat template)", "rows", "Token lengths per split")
+
+
+STAGE = Stage(
+    name="prepare",
+    run=run,
+    inputs=(Input("base", "base"),),
+    params=("data", *SOURCE_KEYS),
+    plots=(Plot("token_lengths.csv"),),
+    charts=(Chart("token lengths per split", "linear", x="tokens",
+                  y={"token_lengths.csv": ["train", "val", "test", "prompts"]}),),
+)

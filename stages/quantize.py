@@ -36,14 +36,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pipeline import quantization as Q
-from pipeline.lineage import stage_run
-from pipeline.models import load_causal_lm, load_tokenizer, render_ids
-from pipeline.outputs import atomic_dir, stage_output, write_atomic, write_json
+from pipeline.evaluation import Generation, Variant, read_jsonl, test_model
+from pipeline.models import LOAD_KEYS, load_causal_lm, load_tokenizer, render_ids
+from pipeline.outputs import write_atomic, write_json
 from pipeline.schema import ConfigError
+from pipeline.stage import Context, Input, Plot, Stage, seed_everything
+from pipeline.tokens import left_pad, padded_forward, position_ids
 
 log = logging.getLogger(__name__)
 FP32 = "fp32"
@@ -71,14 +73,12 @@ class CalibrationModule(L.LightningModule):
 
 def calibrate(model, tokenizer, rows: list[dict], cfg: DictConfig) -> dict:
     """Per linear layer (max, min) of its input over the calibration rows (prompt and reference response)."""
-    from pipeline.generation import left_pad
-
     ids = [render_ids(tokenizer, r["messages"]) for r in rows]
     batches = []
     for lo in range(0, len(ids), cfg.quantize.batch_size):
         input_ids, mask = left_pad(ids[lo:lo + cfg.quantize.batch_size], tokenizer.pad_token_id)
         batches.append({"input_ids": input_ids, "attention_mask": mask,
-                        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)})
+                        "position_ids": position_ids(mask)})
     module = CalibrationModule(model)
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
@@ -105,10 +105,9 @@ def forward_ms(model, tokenizer, rows: list[dict], q: DictConfig) -> float:
 def measure(name: str, model, tokenizer, cfg: DictConfig, test_rows: list[dict], train_rows: list[dict],
             fp32: dict | None) -> dict:
     """Size, speed and quality of one (quantized or fp32) model; ratios and deltas against ``fp32``."""
-    from stages.evaluate import Variant, test_model
-
     sizes = Q.model_bytes(model)
-    quality, _ = test_model(model, tokenizer, Variant(name, "", "chat"), eval_config(cfg), test_rows, train_rows)
+    quality, _ = test_model(model, tokenizer, Variant(name, "", "chat"), generation(cfg), cfg.trainer, test_rows,
+                            train_rows)
     metrics = {
         "size/memory_bytes": sizes["memory"], "size/linear_bytes": sizes["linear"],
         "speed/forward_ms": round(forward_ms(model, tokenizer, test_rows, cfg.quantize), 3),
@@ -126,23 +125,19 @@ def measure(name: str, model, tokenizer, cfg: DictConfig, test_rows: list[dict],
     return metrics
 
 
-def eval_config(cfg: DictConfig) -> DictConfig:
-    """The ``evaluate`` settings ``test_model`` reads, taken from ``quantize.*``: greedy answers only."""
-    q = cfg.quantize
-    return OmegaConf.merge(cfg, {"evaluate": {"max_new_tokens": q.max_new_tokens, "batch_size": q.batch_size,
-                                              "do_sample": False, "sampled_accuracy": False}})
+def generation(cfg: DictConfig) -> Generation:
+    """How every copy answers the test prompts: greedy, ``quantize.max_new_tokens``, ``quantize.batch_size``."""
+    return Generation(cfg.quantize.max_new_tokens, cfg.quantize.batch_size, cfg.seed)
 
 
 @torch.no_grad()
 def roundtrip_difference(model, folder: Path, tokenizer, rows: list[dict], model_cfg) -> float:
     """Largest logit difference between ``model`` and its saved copy in ``folder`` loaded with
     ``from_pretrained`` (0 when the round trip is exact)."""
-    from pipeline.generation import left_pad
-
     reloaded = load_causal_lm(folder, model_cfg).eval()
     ids, mask = left_pad([render_ids(tokenizer, r["messages"]) for r in rows[:16]], tokenizer.pad_token_id)
-    before = model(input_ids=ids, attention_mask=mask).logits
-    after = reloaded(input_ids=ids, attention_mask=mask).logits
+    before = padded_forward(model, ids, mask).logits
+    after = padded_forward(reloaded, ids, mask).logits
     return float((before - after).abs().max())
 
 
@@ -159,98 +154,88 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'quantize.method': {err}") from None
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the quantize stage; return {method: metrics} (what ``data/metrics/quantize.json`` holds)."""
-    from pipeline.training import seed_everything
-    from stages.evaluate import read_jsonl
-
-    q = cfg.quantize
-    check_config(cfg)
-    data = Path(cfg.paths.data)
-    source_dir, prepare_dir, out = data / q.source, data / "prepare", stage_output(cfg, "quantize")
-    with stage_run(cfg, "quantize") as run:
-        run.add_input(q.source, source_dir)
-        run.add_input("prepare", prepare_dir, dataset=True)
-        seed_everything(cfg)
+def run(ctx: Context) -> dict:
+    """Quantize and measure the source model per method; save ``quantize.method`` into ``ctx.output``; return
+    {method: metrics} (what ``data/metrics/quantize.json`` holds)."""
+    cfg, q, run, tmp = ctx.cfg, ctx.config, ctx.run, ctx.output
+    source_dir, prepare_dir = ctx.input("source"), ctx.input("prepare")
+    try:
+        source = Q.merged_source(source_dir)
+    except Q.UnsupportedMethod as err:
+        raise ConfigError(f"config key 'quantize.source' = {q.source!r}: {err}") from None
+    tokenizer = load_tokenizer(source, cfg.model)
+    test_rows = read_jsonl(prepare_dir / "test.jsonl")
+    train_rows = read_jsonl(prepare_dir / "train.jsonl")
+    calibration_rows = read_jsonl(prepare_dir / "val.jsonl")[:q.calibration_rows]
+    fp32_model = load_causal_lm(source, cfg.model, dtype=torch.float32).eval()
+    results = {FP32: measure(FP32, fp32_model, tokenizer, cfg, test_rows, train_rows, None)}
+    results[FP32].update({"size/memory_ratio": 1.0, "size/linear_ratio": 1.0, "size/disk_bytes": Q.folder_bytes(source),
+                          "size/disk_ratio": 1.0})
+    methods = list(dict.fromkeys([q.method, *q.compare]))
+    ranges = None
+    if any(Q.METHODS[m].calibrated for m in methods):
+        ranges = calibrate(fp32_model, tokenizer, calibration_rows, cfg)
+    kept_fp32 = {name: Q.unfit_layers(name, fp32_model) for name in methods}
+    del fp32_model
+    unsupported: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    saved_model = None
+    for name in methods:
         try:
-            source = Q.merged_source(source_dir)
+            Q.check_supported(name)
+            seed_everything(cfg)
+            start = time.time()
+            model = Q.quantize_model(name, source, ranges, cfg.model)
+            results[name] = {"quantize/seconds": round(time.time() - start, 2),
+                             "quantize/fp32_layers": len(kept_fp32[name]),
+                             **measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])}
         except Q.UnsupportedMethod as err:
-            raise ConfigError(f"config key 'quantize.source' = {q.source!r}: {err}") from None
-        tokenizer = load_tokenizer(source, cfg.model)
-        test_rows = read_jsonl(prepare_dir / "test.jsonl")
-        train_rows = read_jsonl(prepare_dir / "train.jsonl")
-        calibration_rows = read_jsonl(prepare_dir / "val.jsonl")[:q.calibration_rows]
-        fp32_model = load_causal_lm(source, cfg.model, dtype=torch.float32).eval()
-        results = {FP32: measure(FP32, fp32_model, tokenizer, cfg, test_rows, train_rows, None)}
-        results[FP32].update({"size/memory_ratio": 1.0, "size/linear_ratio": 1.0, "size/disk_bytes": Q.folder_bytes(source),
-                              "size/disk_ratio": 1.0})
-        methods = list(dict.fromkeys([q.method, *q.compare]))
-        ranges = None
-        if any(Q.METHODS[m].calibrated for m in methods):
-            ranges = calibrate(fp32_model, tokenizer, calibration_rows, cfg)
-        kept_fp32 = {name: Q.unfit_layers(name, fp32_model) for name in methods}
-        del fp32_model
-        unsupported: dict[str, str] = {}
-        failed: dict[str, str] = {}
-        saved_model = None
-        for name in methods:
-            try:
-                Q.check_supported(name)
-                seed_everything(cfg)
-                start = time.time()
-                model = Q.quantize_model(name, source, ranges, cfg.model)
-                results[name] = {"quantize/seconds": round(time.time() - start, 2),
-                                 "quantize/fp32_layers": len(kept_fp32[name]),
-                                 **measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])}
-            except Q.UnsupportedMethod as err:
-                log.warning("quantize: %s", err)
-                unsupported[name] = str(err)
-                continue
-            except Exception as err:
-                if name == q.method:  # the method to save: nothing to write without it
-                    raise
-                log.exception("quantize: %s failed; the other methods go on", name)
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                failed[name] = f"{type(err).__name__}: {first}"
-                continue
-            if kept_fp32[name]:
-                log.info("quantize: %s keeps %d layer(s) in fp32 (its kernel cannot take them): %s", name,
-                         len(kept_fp32[name]), ", ".join(sorted(kept_fp32[name])))
-            if name == q.method:
-                saved_model = model
-        with atomic_dir(out) as tmp:
-            saved_model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            diff = roundtrip_difference(saved_model, tmp, tokenizer, test_rows, cfg.model)
-            if diff != 0.0:
-                raise RuntimeError(f"quantize: {q.method} loaded back from {out} differs from the model before saving "
-                                   f"(max logit difference {diff:g}); nothing was written")
-            saved = results[q.method]
-            saved["size/disk_bytes"] = Q.folder_bytes(tmp)
-            saved["size/disk_ratio"] = round(saved["size/disk_bytes"] / results[FP32]["size/disk_bytes"], 4)
-            saved["quantize/roundtrip_max_abs_diff"] = diff
-            write_json(tmp / "report.json", {
-                "source": q.source, "saved_method": q.method, "unsupported": unsupported, "failed": failed,
-                "fp32_layers": {name: kept_fp32[name] for name in results if name != FP32},
-                "methods": {name: {"summary": Q.METHODS[name].summary if name in Q.METHODS else "unquantized",
-                                   "library": Q.METHODS[name].library if name in Q.METHODS else "torch", **metrics}
-                            for name, metrics in results.items()}})
-            run.write_run_json(tmp, method=q.method, source=q.source)
-        run.add_output("quantize", out)
-        status = {**{name: {"quantize/status": "unsupported"} for name in unsupported},
-                  **{name: {"quantize/status": "failed"} for name in failed}}
-        metrics_file = {**results, **status}
-        write_json(Path(cfg.paths.metrics) / "quantize.json", metrics_file)
-        write_methods_plot(results, Path(cfg.paths.plots) / "quantize" / "methods.csv")
-        for name, metrics in results.items():
-            child = run.child(name, tags={"posttrain.quantization": name})
-            child.log_metrics(metrics)
-            child.finish()
-        run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
-        run.log_artifact(out / "report.json")
-        log.info("quantize: %s keeps accuracy %.3f (fp32 %.3f), linear weights at %.1f%% of fp32, %s bytes on disk",
-                 q.method, saved["test/accuracy"], results[FP32]["test/accuracy"], 100 * saved["size/linear_ratio"],
-                 saved["size/disk_bytes"])
+            log.warning("quantize: %s", err)
+            unsupported[name] = str(err)
+            continue
+        except Exception as err:
+            if name == q.method:  # the method to save: nothing to write without it
+                raise
+            log.exception("quantize: %s failed; the other methods go on", name)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            failed[name] = f"{type(err).__name__}: {first}"
+            continue
+        if kept_fp32[name]:
+            log.info("quantize: %s keeps %d layer(s) in fp32 (its kernel cannot take them): %s", name,
+                     len(kept_fp32[name]), ", ".join(sorted(kept_fp32[name])))
+        if name == q.method:
+            saved_model = model
+    if True:
+        saved_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        diff = roundtrip_difference(saved_model, tmp, tokenizer, test_rows, cfg.model)
+        if diff != 0.0:
+            raise RuntimeError(f"quantize: {q.method} loaded back from its folder differs from the model before saving "
+                               f"(max logit difference {diff:g}); nothing was written")
+        saved = results[q.method]
+        saved["size/disk_bytes"] = Q.folder_bytes(tmp)
+        saved["size/disk_ratio"] = round(saved["size/disk_bytes"] / results[FP32]["size/disk_bytes"], 4)
+        saved["quantize/roundtrip_max_abs_diff"] = diff
+        write_json(tmp / "report.json", {
+            "source": q.source, "saved_method": q.method, "unsupported": unsupported, "failed": failed,
+            "fp32_layers": {name: kept_fp32[name] for name in results if name != FP32},
+            "methods": {name: {"summary": Q.METHODS[name].summary if name in Q.METHODS else "unquantized",
+                               "library": Q.METHODS[name].library if name in Q.METHODS else "torch", **metrics}
+                        for name, metrics in results.items()}})
+        ctx.info.update(method=q.method, source=q.source)
+    status = {**{name: {"quantize/status": "unsupported"} for name in unsupported},
+              **{name: {"quantize/status": "failed"} for name in failed}}
+    metrics_file = {**results, **status}
+    write_methods_plot(results, ctx.plots / "methods.csv")
+    for name, metrics in results.items():
+        child = run.child(name, tags={"posttrain.quantization": name})
+        child.log_metrics(metrics)
+        child.finish()
+    run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+    run.log_artifact(tmp / "report.json")
+    log.info("quantize: %s keeps accuracy %.3f (fp32 %.3f), linear weights at %.1f%% of fp32, %s bytes on disk",
+             q.method, saved["test/accuracy"], results[FP32]["test/accuracy"], 100 * saved["size/linear_ratio"],
+             saved["size/disk_bytes"])
     return metrics_file
 
 
@@ -259,3 +244,15 @@ def write_methods_plot(results: dict, path: Path) -> None:
     lines = ["method,linear_ratio,accuracy,forward_ms"]
     lines += [f"{name},{m['size/linear_ratio']},{m['test/accuracy']},{m['speed/forward_ms']}" for name, m in results.items()]
     write_atomic(path, "\n".join(lines) + "\n")
+
+
+STAGE = Stage(
+    name="quantize",
+    run=run,
+    check=check_config,
+    inputs=(Input("source", "${quantize.source}", note="the model quantized (params.yaml's quantize.source)"),
+            Input("prepare", "prepare", dataset=True)),
+    params=(*LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
+    plots=(Plot("methods.csv", x="linear_ratio", y="method", template="bar_horizontal",
+                title="linear-layer bytes vs fp32 per quantization method"),),
+)

@@ -36,21 +36,13 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import adapters
-from pipeline.lineage import stage_run
-from pipeline.models import base_reference, load_sequence_scorer, load_tokenizer
-from pipeline.outputs import atomic_dir, stage_output, write_json
+from pipeline.models import SOURCE_KEYS, base_reference, load_sequence_scorer, load_tokenizer
+from pipeline.outputs import write_json
 from pipeline.plots import write_histogram
 from pipeline.preferences import PreferenceData
 from pipeline.rewards import GATE_JSON, STATS_JSON, bradley_terry_loss, sequence_rewards
-from pipeline.training import (
-    StageModule,
-    adamw_warmup_cosine,
-    build_trainer,
-    checkpoint_dir,
-    clear_checkpoints,
-    resume_path,
-    seed_everything,
-)
+from pipeline.stage import Chart, Context, Input, Plot, Stage
+from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit
 
 log = logging.getLogger(__name__)
 
@@ -161,64 +153,56 @@ def _record_pad_token(folder: Path, pad_id: int) -> None:
     config.save_pretrained(folder)
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the reward stage; return its metrics."""
-    data = Path(cfg.paths.data)
-    sft_dir, pairs_path, out = data / "sft", data / "collect" / "pairs.jsonl", stage_output(cfg, "reward")
-    r = cfg.reward
-    with stage_run(cfg, "reward") as run:
-        inputs = [run.add_input("collect", pairs_path, dataset=True)]
-        backbone = r.backbone or str(sft_dir)
-        if Path(backbone).exists():
-            inputs.append(run.add_input("backbone", backbone))
-        seed_everything(cfg)
-        start = time.time()
-        tokenizer = load_tokenizer(backbone, cfg.model)
-        model = load_sequence_scorer(backbone, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
-        model.config.pad_token_id = tokenizer.pad_token_id  # the head pools at the last non-pad token
-        model = adapters.apply(model, cfg.peft, task_type="SEQ_CLS")
-        datamodule = PreferenceData(pairs_path, tokenizer, cfg, r, collate)
-        datamodule.setup()
-        module = RewardModule(model, cfg)
-        ckpt_dir = checkpoint_dir(cfg, "reward", [i["digest"] for i in inputs])
-        trainer = build_trainer(cfg, run, ckpt_dir, r.max_steps, r.val_every_n_steps, r.checkpoint_every_n_steps)
-        resume = resume_path(ckpt_dir)
-        before = None
-        if resume:
-            log.warning("reward: resuming from %s", resume)
-            run.set_tag("resumed_from", resume)
-        else:
-            before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        stats = reward_stats(module.model, datamodule.train_items, tokenizer.pad_token_id, r.batch_size)
-        verdict = {"accuracy": final["val/accuracy"], "min_accuracy": r.min_accuracy,
-                   "passed": final["val/accuracy"] >= r.min_accuracy, "validation_pairs": len(datamodule.val_items)}
-        with atomic_dir(out) as tmp:
-            adapters.save_trained(module.model, cfg.peft, tmp, backbone, cfg.model, base_reference(cfg.model, backbone),
-                                  load_base=load_sequence_scorer)
-            tokenizer.save_pretrained(tmp)
-            _record_pad_token(tmp, tokenizer.pad_token_id)
-            write_json(tmp / STATS_JSON, stats)
-            write_json(tmp / GATE_JSON, verdict)
-            run.write_run_json(tmp, peft_method=cfg.peft.method, gate=verdict, reward_stats=stats)
-        clear_checkpoints(cfg, "reward")
-        run.add_output("reward", out)
-        plots = Path(cfg.paths.plots) / "reward"
-        write_json(plots / "loss.json", [h for h in module.history if "train/loss" in h])
-        write_json(plots / "val_accuracy.json", [h for h in module.history if "val/accuracy" in h])
-        write_reward_plot(*module.val_rewards, plots)
-        metrics = {**{k: round(v, 4) for k, v in final.items()},
-                   "train/reward_mean": round(stats["mean"], 4), "train/reward_std": round(stats["std"], 4),
-                   "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
-                   "train/dropped_too_long": datamodule.dropped, "gate/passed": int(verdict["passed"]),
-                   "train/seconds": round(time.time() - start, 1)}
-        if before is not None:
-            metrics["val/accuracy_before"] = round(before["val/accuracy"], 4)
-            metrics["val/loss_before"] = round(before["val/loss"], 4)
-        write_json(Path(cfg.paths.metrics) / "reward.json", metrics)
-        run.log_metrics(metrics)
-        run.log_artifact(plots / "rewards.png")
-        log.info("reward: held-out pairwise accuracy %.3f (gate %.2f: %s)", verdict["accuracy"], r.min_accuracy,
-                 "passed" if verdict["passed"] else "FAILED")
-    return metrics
+def run(ctx: Context) -> dict:
+    """Train the reward model on the collected pairs into ``ctx.output``; return its metrics."""
+    cfg, r = ctx.cfg, ctx.config
+    pairs_path = ctx.input("collect")
+    backbone = r.backbone or str(ctx.input("sft"))
+    if Path(backbone).exists():
+        ctx.digests["backbone"] = ctx.run.add_input("backbone", backbone)["digest"]
+    start = time.time()
+    tokenizer = load_tokenizer(backbone, cfg.model)
+    model = load_sequence_scorer(backbone, cfg.model, quantization_config=adapters.quantization_config(cfg.peft))
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head pools at the last non-pad token
+    model = adapters.apply(model, cfg.peft, task_type="SEQ_CLS")
+    datamodule = PreferenceData(pairs_path, tokenizer, cfg, r, collate)
+    datamodule.setup()
+    module = RewardModule(model, cfg)
+    result = fit(ctx, module, datamodule, r.max_steps, r.val_every_n_steps, r.checkpoint_every_n_steps)
+    final = result.after
+    stats = reward_stats(module.model, datamodule.train_items, tokenizer.pad_token_id, r.batch_size)
+    verdict = {"accuracy": final["val/accuracy"], "min_accuracy": r.min_accuracy,
+               "passed": final["val/accuracy"] >= r.min_accuracy, "validation_pairs": len(datamodule.val_items)}
+    tmp = ctx.output
+    adapters.save_trained(module.model, cfg.peft, tmp, backbone, cfg.model, base_reference(cfg.model, backbone),
+                          load_base=load_sequence_scorer)
+    tokenizer.save_pretrained(tmp)
+    _record_pad_token(tmp, tokenizer.pad_token_id)
+    write_json(tmp / STATS_JSON, stats)
+    write_json(tmp / GATE_JSON, verdict)
+    ctx.info.update(peft_method=cfg.peft.method, gate=verdict, reward_stats=stats)
+    ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])
+    ctx.write_plot("val_accuracy.json", [h for h in module.history if "val/accuracy" in h])
+    write_reward_plot(*module.val_rewards, ctx.plots)
+    ctx.run.log_artifact(ctx.plots / "rewards.png")
+    log.info("reward: held-out pairwise accuracy %.3f (gate %.2f: %s)", verdict["accuracy"], r.min_accuracy,
+             "passed" if verdict["passed"] else "FAILED")
+    return {**result.metrics(),
+            "train/reward_mean": round(stats["mean"], 4), "train/reward_std": round(stats["std"], 4),
+            "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
+            "train/dropped_too_long": datamodule.dropped, "gate/passed": int(verdict["passed"]),
+            "train/seconds": round(time.time() - start, 1)}
+
+
+STAGE = Stage(
+    name="reward",
+    run=run,
+    inputs=(Input("collect", "collect/pairs.jsonl", dataset=True),
+            Input("sft", "sft", conditional=True, note="the backbone unless reward.backbone names another")),
+    params=("peft", *SOURCE_KEYS, *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="reward model training loss"),
+           Plot("val_accuracy.json", x="step", y="val/accuracy", title="reward model held-out pairwise accuracy"),
+           Plot("rewards.csv")),
+    charts=(Chart("reward model on held-out pairs (chosen vs rejected rewards)", "linear", x="reward",
+                  y={"rewards.csv": ["chosen", "rejected"]}),),
+)

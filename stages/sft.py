@@ -17,8 +17,6 @@ Run: ``python -m pipeline.run stage=sft``
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from pathlib import Path
 
@@ -28,22 +26,10 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pipeline import adapters
-from pipeline.lineage import stage_run
-from pipeline.models import base_reference, base_sources, load_causal_lm, load_tokenizer
-from pipeline.outputs import atomic_dir, stage_output, write_json
-from pipeline.training import (
-    StageModule,
-    StepBatches,
-    adamw_warmup_cosine,
-    batches_loader,
-    build_trainer,
-    checkpoint_dir,
-    clear_checkpoints,
-    resume_path,
-    seed_everything,
-)
+from pipeline.models import SOURCE_KEYS, base_reference, base_sources, load_causal_lm, load_tokenizer
+from pipeline.stage import Context, Input, Plot, Stage
+from pipeline.training import TRAINER_KEYS, StageModule, StepBatches, adamw_warmup_cosine, batches_loader, fit
 
-log = logging.getLogger(__name__)
 Example = tuple[list[int], list[int]]
 
 
@@ -175,59 +161,47 @@ class SFTModule(StageModule):
         return adamw_warmup_cosine(self.model, c.lr, c.weight_decay, c.warmup_steps, c.max_steps)
 
 
-def main(cfg: DictConfig) -> dict:
-    """Run the sft stage; return its metrics."""
-    data_dir = Path(cfg.paths.data)
-    base_dir, prepare_dir, out = data_dir / "base", data_dir / "prepare", stage_output(cfg, "sft")
-    with stage_run(cfg, "sft") as run:
-        inputs = [run.add_input("base", base_dir), run.add_input("prepare", prepare_dir, dataset=True)]
-        seed_everything(cfg)
-        start = time.time()
-        model_path, tokenizer_path = base_sources(base_dir)
-        tokenizer = load_tokenizer(tokenizer_path, cfg.model)
-        peft = adapters.stage_peft(cfg, "sft")
-        model = load_causal_lm(model_path, cfg.model, quantization_config=adapters.quantization_config(peft))
-        model = adapters.apply(model, peft)
-        trainable = sum(p.numel() for p in adapters.trainable_parameters(model).values())
-        total = sum(p.numel() for p in model.parameters())
-        data = SFTData(prepare_dir, cfg, tokenizer.pad_token_id)
-        data.setup()
-        module = SFTModule(model, cfg)
-        ckpt_dir = checkpoint_dir(cfg, "sft", [i["digest"] for i in inputs])
-        trainer = build_trainer(cfg, run, ckpt_dir, cfg.sft.max_steps, cfg.sft.val_every_n_steps,
-                                cfg.sft.checkpoint_every_n_steps, cfg.sft.accumulate_grad_batches)
-        resume = resume_path(ckpt_dir)
-        initial = None
-        if resume:
-            log.warning("sft: resuming from %s", resume)
-            run.set_tag("resumed_from", resume)
-        else:
-            initial = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
-        final = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-        train_seconds = time.time() - start
-        with atomic_dir(out) as tmp:
-            adapters.save_trained(module.model, peft, tmp, model_path, cfg.model, base_reference(cfg.model, base_dir))
-            tokenizer.save_pretrained(tmp)
-            run.write_run_json(tmp, peft_method=peft.method)
-        clear_checkpoints(cfg, "sft")
-        run.add_output("sft", out)
-        plots = Path(cfg.paths.plots) / "sft"
-        write_json(plots / "loss.json", [h for h in module.history if "train/loss" in h])
-        write_json(plots / "val_loss.json", [h for h in module.history if "val/loss" in h])
-        steps_tokens = cfg.sft.max_steps * cfg.sft.accumulate_grad_batches
-        metrics = {
-            "val/loss": final,
-            "val/perplexity": math.exp(final),
-            "train/seconds": round(train_seconds, 1),
-            "train/tokens_per_second": round(module.positions_trained / max(train_seconds, 1e-9), 1),
-            "train/trainable_parameters": trainable,
-            "train/trainable_share": trainable / total,
-            "train/epochs": round(steps_tokens * cfg.sft.batch_size * trainer.world_size / max(len(data.train_items), 1), 2),
-            "train/world_size": trainer.world_size,  # data-parallel processes (trainer.devices with ddp)
-        }
-        if initial is not None:
-            metrics["val/perplexity_before"] = math.exp(initial)
-        write_json(Path(cfg.paths.metrics) / "sft.json", metrics)
-        run.log_metrics(metrics)
-    return metrics
+def run(ctx: Context) -> dict:
+    """Fine-tune the base model on the prepared demonstrations; save it into ``ctx.output``."""
+    cfg, sft = ctx.cfg, ctx.config
+    start = time.time()
+    model_path, tokenizer_path = base_sources(ctx.input("base"))
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model)
+    peft = adapters.stage_peft(cfg, "sft")
+    model = load_causal_lm(model_path, cfg.model, quantization_config=adapters.quantization_config(peft))
+    model = adapters.apply(model, peft)
+    trainable = sum(p.numel() for p in adapters.trainable_parameters(model).values())
+    total = sum(p.numel() for p in model.parameters())
+    data = SFTData(ctx.input("prepare"), cfg, tokenizer.pad_token_id)
+    data.setup()
+    module = SFTModule(model, cfg)
+    result = fit(ctx, module, data, sft.max_steps, sft.val_every_n_steps, sft.checkpoint_every_n_steps,
+                 sft.accumulate_grad_batches)
+    train_seconds = time.time() - start
+    adapters.save_trained(module.model, peft, ctx.output, model_path, cfg.model,
+                          base_reference(cfg.model, ctx.input("base")))
+    tokenizer.save_pretrained(ctx.output)
+    ctx.info["peft_method"] = peft.method
+    ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])
+    ctx.write_plot("val_loss.json", [h for h in module.history if "val/loss" in h])
+    steps_tokens = sft.max_steps * sft.accumulate_grad_batches
+    world = result.trainer.world_size
+    return {
+        **result.metrics(),
+        "train/seconds": round(train_seconds, 1),
+        "train/tokens_per_second": round(module.positions_trained / max(train_seconds, 1e-9), 1),
+        "train/trainable_parameters": trainable,
+        "train/trainable_share": trainable / total,
+        "train/epochs": round(steps_tokens * sft.batch_size * world / max(len(data.train_items), 1), 2),
+        "train/world_size": world,  # data-parallel processes (trainer.devices with ddp)
+    }
+
+
+STAGE = Stage(
+    name="sft",
+    run=run,
+    inputs=(Input("base", "base"), Input("prepare", "prepare", dataset=True)),
+    params=("peft", *SOURCE_KEYS, *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="sft training loss"),
+           Plot("val_loss.json", x="step", y="val/loss", title="sft validation loss")),
+)

@@ -79,6 +79,27 @@ def test_agreement_with_the_verifier_is_counted_on_pairs_it_decides():
     assert stats["collect/pairs_per_prompt"] == 6 and stats["collect/tie_rate"] == 0
 
 
+def test_a_multi_turn_pair_keeps_the_whole_context_its_samples_continued():
+    """Sampling rendered every turn before the gold answer, earlier assistant turns included; the pair must
+    carry the same context, or reward and DPO train on a conversation the policy never saw."""
+    from omegaconf import OmegaConf
+
+    from pipeline.chat import prompt_of
+    from pipeline.judges import VerifierJudge
+    from stages.collect import build_pairs
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What number comes after 86?"}]
+    row = {"id": "r1", "messages": [*turns, {"role": "assistant", "content": "87"}], "meta": {}}
+    samples = [{"text": t, "finished": True, "tokens": 2} for t in ("87", "88")]
+    cfg = OmegaConf.create({"seed": 0, "collect": {"k": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8,
+                                                   "pairs": "best_worst", "max_pairs_per_prompt": 1,
+                                                   "drop_unfinished": True}})
+    pairs, _ = build_pairs([{"row": row, "samples": samples}], [[1.0, 0.0]], VerifierJudge(), cfg, None)
+    assert pairs[0]["messages"] == turns == prompt_of(row)
+    assert prompt_of({"messages": turns}) == turns  # a prompt row without its answer is all context
+
+
 def test_all_tied_samples_make_no_pair_and_are_counted():
     pairs, candidates, ties = make_pairs(["x", "y", "z"], [1.0, 1.0, 1.0], [True] * 3, "all_distinct", 3, random.Random(0))
     assert pairs == [] and candidates == ties == 3
@@ -110,6 +131,17 @@ def tiny_judge(tmp_path_factory):
 TEMPLATE = "Question: {prompt}\nResponse A: {a}\nResponse B: {b}\nBetter:"
 
 
+def test_llm_judge_verdicts_do_not_depend_on_left_padding(tmp_path):
+    """GPT-2 has absolute positions: without position ids a prompt padded beside a longer one is read at
+    shifted positions, and the verdict changes with whatever else is in the batch."""
+    folder = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    judge = LLMJudge(load_causal_lm(folder).eval(), load_tokenizer(folder), TEMPLATE, [" A", " B"], True, 8)
+    short, long = judge.prompt_ids("q", "1", "2"), judge.prompt_ids("a much longer question " * 4, "17", "18")
+    alone = judge.first_label_probability([short])[0]
+    beside_a_longer_one = judge.first_label_probability([short, long])[0]
+    assert beside_a_longer_one == pytest.approx(alone, abs=1e-5)
+
+
 def test_llm_judge_order_swap_really_swaps(tiny_judge):
     model, tok = tiny_judge
     judge = LLMJudge(model, tok, TEMPLATE, [" A", " B"], use_chat_template=True, batch_size=4)
@@ -133,7 +165,7 @@ class AlwaysSaysA(torch.nn.Module):
         self.vocab, self.label_a = vocab, label_a
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.label_a] = 10.0
         return type("Out", (), {"logits": logits})()

@@ -111,8 +111,8 @@ def test_every_sampling_cap_fits_the_longest_right_answer():
     for family, spec in suite.FAMILIES.items():
         for _ in range(300):
             ex = suite.make_example(family, rng.randrange(len(spec.templates)), rng)
-            for kind, text in (("plain", suite.reference_response(ex)),
-                               ("verbose", suite.reference_response(ex, verbose=True)),
+            for kind, text in (("plain", suite.demonstration(ex)),
+                               ("verbose", suite.demonstration(ex, verbose=True)),
                                ("cot", suite.rationale(family, ex.inputs, ex.answer))):
                 longest[kind] = max(longest[kind], len(tok(text, add_special_tokens=False).input_ids) + 1)  # + EOS
     assert longest["plain"] >= len(suite.REFUSAL) + 1  # the refusal is among the right answers

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from pipeline.evaluation import PromptBuilder, Variant, annotate, score, summarize
 from pipeline.models import build_char_tokenizer
 from pipeline.report import render_markdown
-from stages.evaluate import PromptBuilder, Variant, annotate, score, summarize
 
 
 def record(family, response, correct, held_template=False, held_family=False, harmful=False, nll=1.0, tokens=2):
-    return {"id": f"{family}-{response}", "family": family, "prompt": "p", "reference": "r", "response": response,
+    return {"id": f"{family}-{response}", "family": family, "prompt": "p", "gold": "r", "response": response,
             "finished": True, "correct": correct, "held_out_template": held_template, "held_out_family": held_family,
             "harmful": harmful, "nll": nll, "ref_tokens": tokens}
 
@@ -70,7 +70,7 @@ def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context
     assert len(tight.prompt(row, 0)) + 20 <= 60
     chat = PromptBuilder(tok, Variant("sft", "data/sft", "chat"), train, seed=0, context=256, max_new_tokens=20)
     assert tok.decode(chat.prompt(row, 0)) == "<s><|user|>Add 2 and 2.<|assistant|>"
-    full, n_prompt = chat.with_reference(row, chat.prompt(row, 0))
+    full, n_prompt = chat.with_gold(row, chat.prompt(row, 0))
     assert tok.decode(full[n_prompt:]) == "4</s>"
 
 
@@ -81,7 +81,7 @@ def test_report_lists_every_variant_and_samples():
 
 
 def test_pairwise_win_rate_asks_both_orders_and_cancels_position_bias():
-    from stages.evaluate import pairwise_win_rate
+    from pipeline.evaluation import pairwise_win_rate
 
     ids = ["0", "1", "2", "3"]
     mine = {"0": "good", "1": "bad", "2": "same", "3": "good"}
@@ -131,7 +131,7 @@ def test_html_report_is_self_contained_and_shows_every_variant(tmp_path):
 
 
 def test_win_rate_against_sft_counts_wins_ties_and_losses_by_hand():
-    from stages.evaluate import win_rates
+    from pipeline.evaluation import win_rates
 
     rows = {str(i): {"id": str(i), "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "5"}],
                      "meta": {"family": "next", "answer": "5"}} for i in range(4)}
@@ -149,14 +149,14 @@ def test_kl_to_reference_is_zero_against_itself_and_matches_an_unpadded_computat
     import torch
     from omegaconf import OmegaConf
 
+    from pipeline.evaluation import EvalModule, Generation
     from pipeline.models import build_causal_lm, render_ids
-    from stages.evaluate import EvalModule
 
     tok = build_char_tokenizer()
     arch = OmegaConf.create(dict(type="llama", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                                  max_position=256, dropout=0.0))
     model, other = build_causal_lm(arch, tok, 0).eval(), build_causal_lm(arch, tok, 1).eval()
-    cfg = OmegaConf.create({"seed": 0, "evaluate": {"max_new_tokens": 4, "sampled_accuracy": False}})
+    cfg = Generation(max_new_tokens=4, batch_size=2, seed=0)
     builder = PromptBuilder(tok, Variant("dpo", "data/dpo", "chat"), [], 0, 256, 4)
     prompts = [render_ids(tok, [{"role": "user", "content": q}], True) for q in ("Hi", "What number comes after 4?")]
     responses = [tok("ok", add_special_tokens=False)["input_ids"], tok("5", add_special_tokens=False)["input_ids"]]
@@ -169,7 +169,26 @@ def test_kl_to_reference_is_zero_against_itself_and_matches_an_unpadded_computat
     assert kls[1][0] == pytest.approx(float((a.exp() * (a - b)).sum()), rel=1e-4) and kls[1][1] == len(r)
 
 
+def test_gold_response_perplexity_does_not_depend_on_left_padding(tmp_path):
+    """Teacher-forced NLL of a gold response alone and batched beside a longer prompt (GPT-2: absolute
+    positions) must agree: the test perplexity must not depend on how rows are batched."""
+    from conftest import save_tiny_model
+    from pipeline.evaluation import EvalModule, Generation
+    from pipeline.models import load_causal_lm, load_tokenizer, render_ids
+
+    folder = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    model, tok = load_causal_lm(folder).eval(), load_tokenizer(folder)
+    builder = PromptBuilder(tok, Variant("sft", str(folder), "chat"), [], 0, 256, 4)
+    module = EvalModule(model, tok, builder, Generation(max_new_tokens=4, batch_size=2, seed=0))
+    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            for q, a in (("Hi", "ok"), ("What number comes after 86? Answer with the number only.", "87"))]
+    pairs = [(render_ids(tok, m), len(render_ids(tok, m[:1], True))) for m in rows]
+    alone, _ = module.gold_nll(pairs[:1])
+    batched, _ = module.gold_nll(pairs)
+    assert batched[0] == pytest.approx(alone[0], abs=1e-4)
+
+
 def test_reward_win_rate_counts_wins_and_half_ties():
-    from stages.evaluate import reward_win_rate
+    from pipeline.evaluation import reward_win_rate
 
     assert reward_win_rate(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0.0, 2.0, 4.0, 1.0])) == (1 + 0.5 + 0 + 1) / 4

@@ -6,8 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.generation import generate, left_pad
+from pipeline.generation import generate
 from pipeline.models import build_causal_lm, build_char_tokenizer, render_ids, special_ids
+from pipeline.tokens import left_pad
 
 QUESTIONS = ["What number comes after 41?", "Sort the digits 3 1 2.", "Hi", "Give the first letter of the word abc."]
 

@@ -42,6 +42,40 @@ def test_clipped_policy_loss_takes_the_pessimistic_term():
     assert logp.grad[0].tolist() == pytest.approx([-1 / 3, -1 / 3, 1 / 3])
 
 
+def test_approx_kl_estimates_kl_of_the_sampling_policy_to_the_new_one():
+    """Tokens drawn from the old policy (here in exact proportions 3:1): the k3 estimate
+    exp(r) - 1 - r, r = logp_new - logp_old, averages to KL(old || new) exactly."""
+    old, new = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    drawn = torch.tensor([[0, 0, 0, 1]])  # the old policy's samples
+    logp_old, logp_new = old.log()[drawn], new.log()[drawn]
+    _, stats = rl.policy_loss(logp_new, logp_old, torch.zeros(1, 4), torch.ones(1, 4), 0.2)
+    exact = float((old * (old / new).log()).sum())
+    assert float(stats["approx_kl"]) == pytest.approx(exact, rel=1e-5)
+    assert float((new * (new / old).log()).sum()) != pytest.approx(exact, rel=1e-2)  # the other direction differs
+
+
+def test_alignment_models_have_no_dropout_so_an_unchanged_policy_has_ratio_one(tmp_path):
+    """A model with dropout (GPT-2, lora_dropout) in train mode: two forwards must agree, or PPO's first
+    ratio is not 1 and the KL to the reference not 0."""
+    from omegaconf import OmegaConf
+
+    from pipeline import adapters
+    from pipeline.models import build_causal_lm, build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    arch = OmegaConf.create(dict(type="gpt2", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                 max_position=64, dropout=0.3))
+    build_causal_lm(arch, tok, 0).save_pretrained(tmp_path / "sft", safe_serialization=True)
+    cfg = OmegaConf.create({"model": {"trust_remote_code": False, "revision": None},
+                            "peft": {"method": "lora", "target_modules": None, "quantize_base": None,
+                                     "options": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.3}}})
+    policy = adapters.load_policy(tmp_path / "sft", cfg, "ppo").train()
+    ids = torch.tensor([tok("What number comes after 4?", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        first, second = policy(input_ids=ids).logits, policy(input_ids=ids).logits
+    assert torch.equal(first, second)
+
+
 def test_value_loss_clips_around_the_rollout_values():
     loss, frac = rl.value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), clip=0.5)
     assert loss.item() == pytest.approx(0.5 * (1.5 - 3.0) ** 2)        # the clipped value 1.5 is further: it counts

@@ -34,7 +34,7 @@ def test_base_is_an_hf_folder_that_learned(smoke_chain):
                                          add_generation_prompt=True) == "<s><|user|>hi<|assistant|>"
     assert model.config.vocab_size == len(tokenizer)
     metrics = json.loads((smoke_chain / "data" / "metrics" / "base.json").read_text())
-    assert metrics["val/perplexity"] < 0.5 * metrics["val/perplexity_untrained"]
+    assert metrics["val/perplexity"] < 0.5 * metrics["val/perplexity_before"]
     loss = json.loads((smoke_chain / "data" / "plots" / "base" / "loss.json").read_text())
     assert loss and loss[0]["step"] == 0
 

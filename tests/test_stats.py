@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from pipeline import stats
-from stages.evaluate import differences_vs_sft
+from pipeline.evaluation import differences_vs_sft
 
 
 def test_interval_covers_the_mean_and_narrows_with_more_prompts():

@@ -56,7 +56,7 @@ def test_every_family_and_template_generates_a_verifiable_instance():
             ex = suite.make_example(name, template, rng)
             assert ex.prompt and ex.answer
             for verbose in (False, True):
-                response = suite.reference_response(ex, verbose=verbose)
+                response = suite.demonstration(ex, verbose=verbose)
                 assert suite.is_correct(ex.family, ex.answer, ex.harmful, response), (name, response)
 
 

@@ -51,7 +51,7 @@ def prompts(tok, n: int) -> list[list[int]]:
 @torch.no_grad()
 def hf_generate(model, tok, items: list[list[int]], max_new_tokens: int, batch_size: int, cfg) -> dict:
     """``model.generate`` over ``items`` in batches of ``batch_size`` (1 = one prompt at a time)."""
-    from pipeline.generation import left_pad
+    from pipeline.tokens import left_pad
 
     torch.manual_seed(0)
     new_tokens, start = 0, time.perf_counter()

@@ -55,7 +55,7 @@ def pairs(n: int) -> list[dict]:
         for i in range(n):
             ex = suite.make_example(suite.TASK_FAMILIES[i % len(suite.TASK_FAMILIES)], 0, rng)
             rows.append({"messages": [{"role": "user", "content": ex.prompt}], "chosen": ex.answer,
-                         "rejected": suite.reference_response(ex, verbose=True)})
+                         "rejected": suite.demonstration(ex, verbose=True)})
     return (rows * (n // len(rows) + 1))[:n]
 
 
