@@ -121,11 +121,10 @@ def apply(model: torch.nn.Module, cfg: DictConfig, task_type: str = "CAUSAL_LM")
 
 def stage_peft(cfg: DictConfig, stage: str) -> DictConfig:
     """The fine-tuning method a stage uses: the ``peft`` group, unless the stage names its own method
-    (``<stage>.peft``, e.g. ``sft.peft: none`` for full fine-tuning while alignment keeps its adapter)."""
+    (``<stage>.peft``, a choice of the same group: ``peft@sft.peft=none`` fine-tunes SFT fully while alignment
+    keeps its adapter); each choice brings its own options."""
     own = cfg[stage].get("peft")
-    if own is None or own == cfg.peft.method:
-        return cfg.peft
-    return OmegaConf.merge(cfg.peft, {"method": own, "quantize_base": None if own in ("none", "bitfit") else cfg.peft.quantize_base})
+    return cfg.peft if own is None else own
 
 
 def quantization_config(cfg: DictConfig):
@@ -237,7 +236,7 @@ def load_policy(sft_dir: str | Path, cfg: DictConfig, stage: str) -> torch.nn.Mo
         set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
         return disable_dropout(model)
     hint = f"set peft.method={kind} to continue SFT's virtual tokens" if stage == "dpo" else \
-        "online alignment needs weights: train SFT with a weight method (sft.peft=lora, none, ...)"
+        "online alignment needs weights: train SFT with a weight method (peft@sft.peft=lora, none, ...)"
     raise ConfigError(f"{sft_dir} holds a {kind} adapter (SFT trained virtual tokens), but {stage} uses "
                       f"peft.method = {cfg.peft.method!r}: it would start from the bare base; {hint}")
 

@@ -38,12 +38,13 @@ def write_params(cfg: DictConfig, path: str | Path = PARAMS_FILE) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import pipeline  # noqa: F401  (telemetry off)
-    from pipeline.schema import ConfigError, validate
+    from pipeline.run import validate_with_added_stages
+    from pipeline.schema import ConfigError
 
     overrides = sys.argv[1:] if argv is None else argv
     try:
         cfg = compose(overrides)
-        validate(cfg)
+        validate_with_added_stages(cfg)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     except Exception as err:  # Hydra's override errors name the override

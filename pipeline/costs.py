@@ -1,6 +1,6 @@
 """What each stage of the current outputs cost: wall time, peak memory and throughput, from MLflow.
 
-Every stage run logs ``system/wall_seconds`` and ``system/peak_rss_mb`` (:func:`pipeline.lineage.stage_run`)
+Every stage run logs ``system/wall_seconds`` and ``system/peak_rss_mb`` (:func:`pipeline.runs.stage_run`)
 beside its own throughput metric; this reads the runs behind ``data/<stage>/run.json`` (the runs that made
 the outputs on disk) and prints one Markdown table, the README's per-stage cost table.
 
@@ -65,7 +65,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
-    from pipeline.lineage import tracking_uri
+    from pipeline.runs import tracking_uri
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("--store", help="tracking URI (default: as the stages resolve it)")

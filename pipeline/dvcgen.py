@@ -28,7 +28,8 @@ PACKAGES = ("pipeline", "stages")
 NOT_DEPS = {
     "pipeline/__init__.py": "switches library telemetry off and quiets import noise",
     "stages/__init__.py": "empty package marker",
-    "pipeline/lineage.py": "records runs in MLflow and run.json, which DVC does not hash into outputs it compares",
+    "pipeline/runs.py": "records runs in MLflow and run.json, which DVC does not hash into outputs it compares",
+    "pipeline/parents.py": "finds the MLflow parent run a stage run belongs under",
     "pipeline/schema.py": "checks config values; the values themselves are the stages' params",
 }
 HEADER = """\

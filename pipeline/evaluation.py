@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from pipeline import suite
 from pipeline.adapters import load_trained
 from pipeline.generation import generate
+from pipeline.judges import verifier_correct
 from pipeline.models import base_sources, end_of_turn_ids, load_causal_lm, render_ids
 from pipeline.stats import paired_difference, with_interval
 from pipeline.tokens import left_pad, padded_forward, token_logps
@@ -158,11 +159,11 @@ class EvalModule(L.LightningModule):
             self.records.append({
                 "id": row["id"], "family": meta.get("family", "user"), "prompt": row["messages"][-2]["content"],
                 "gold": row["messages"][-1]["content"], "response": response, "finished": out.finished,
-                "correct": score(meta, row["messages"][-1]["content"], response),
+                "correct": verifier_correct(row, response),
                 "held_out_template": bool(meta.get("held_out_template")),
                 "held_out_family": bool(meta.get("held_out_family")), "harmful": bool(meta.get("harmful")),
                 "nll": n, "ref_tokens": c, "kl": kl,
-                "sampled_correct": None if samp is None else score(meta, row["messages"][-1]["content"], self._clean(samp.text)),
+                "sampled_correct": None if samp is None else verifier_correct(row, self._clean(samp.text)),
             })
 
     def _clean(self, text: str) -> str:
@@ -195,13 +196,6 @@ class EvalModule(L.LightningModule):
             nll.append(float(-logp[row, start:].sum()))
             counts.append(width - 1 - start)
         return nll, counts
-
-
-def score(meta: dict, gold: str, response: str) -> bool | None:
-    """Verify a response: the suite's checker for suite rows; exact match to the gold answer for user rows."""
-    if "family" not in meta or "answer" not in meta:
-        return response.strip() == gold.strip()
-    return suite.is_correct(meta["family"], meta["answer"], bool(meta.get("harmful")), response)
 
 
 def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:

@@ -104,12 +104,34 @@ class Judge:
     def score(self, rows: list[dict], samples: list[list[str]]) -> list[list[float | None]]:
         raise NotImplementedError
 
+    def reward(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
+        """One score per (prompt row, response): the judge as an online reward (``pipeline.online.Scorer``)."""
+        scores = self.score(rows, [[text] for text in texts])
+        if any(s[0] is None for s in scores):
+            raise InputError(f"judge {self.name!r} left a response unscored; it cannot serve as a reward")
+        return torch.tensor([float(s[0]) for s in scores])
+
 
 class VerifierJudge(Judge):
+    """The verifier as a judge: its 0-3 preference score, or with ``pass_fail`` 1 when it accepts the answer
+    (verifiable rewards) and 0 otherwise. As a reward, every row must have a verifier."""
+
     name = "verifier"
 
+    def __init__(self, pass_fail: bool = False) -> None:
+        super().__init__()
+        self.pass_fail = pass_fail
+
     def score(self, rows, samples):
-        return [[verifier_score(row, s) for s in texts] for row, texts in zip(rows, samples, strict=True)]
+        judge = (lambda row, s: float(verifier_correct(row, s))) if self.pass_fail else verifier_score
+        return [[judge(row, s) for s in texts] for row, texts in zip(rows, samples, strict=True)]
+
+    def reward(self, rows: list[dict], texts: list[str]) -> torch.Tensor:
+        for row in rows:
+            if not has_verifier(row):
+                raise InputError(f"prompt {row.get('id', '?')!r} has no verifier (no suite answer, no gold "
+                                 "response); use reward=model for data without them")
+        return super().reward(rows, texts)
 
 
 # ------------------------------------------------------------------------------------------------ function

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from pipeline import tokens
 from pipeline.chat import InputError, read_prompts
 from pipeline.generation import Generated, generate
-from pipeline.judges import has_verifier, verifier_correct, verifier_score
+from pipeline.judges import VerifierJudge, has_verifier, verifier_correct
 from pipeline.models import render_ids
 from pipeline.preferences import holdout_key
 from pipeline.suite import bucket
@@ -175,27 +175,6 @@ class Reference:
 Scorer = Callable[[list[dict], list[str]], Tensor]
 
 
-def verifier_reward(rows: list[dict], texts: list[str]) -> Tensor:
-    """Verifiable reward: 1 when the suite's verifier accepts the answer (right answer; the right call on a
-    safety request; the reference for user rows), else 0. No model involved, nothing to exploit but the task."""
-    _check_verifiable(rows)
-    return torch.tensor([float(verifier_correct(r, t)) for r, t in zip(rows, texts, strict=True)])
-
-
-def preference_reward(rows: list[dict], texts: list[str]) -> Tensor:
-    """The verifier's full preference score (:func:`pipeline.judges.verifier_score`: correctness first, then
-    no filler; 0 to 3): the judge ``collect`` uses, as a reward."""
-    _check_verifiable(rows)
-    return torch.tensor([verifier_score(r, t) for r, t in zip(rows, texts, strict=True)], dtype=torch.float)
-
-
-def _check_verifiable(rows: list[dict]) -> None:
-    for row in rows:
-        if not has_verifier(row):
-            raise InputError(f"prompt {row.get('id', '?')!r} has no verifier (no suite answer, no reference); "
-                             "use reward=model for data without references")
-
-
 def model_reward(reward_model, batch_size: int = 64) -> Scorer:
     """Score responses with a loaded :class:`pipeline.rewards.RewardModel`, normalized by the mean and std
     its training pairs had (so a score of 1 = one training-pair spread above their mean)."""
@@ -216,7 +195,9 @@ def model_reward(reward_model, batch_size: int = 64) -> Scorer:
     return score
 
 
-SCORERS = {"verifier": verifier_reward, "preference": preference_reward}
+# grpo.reward: pass/fail verifiable rewards (no model, nothing to exploit but the task), or the verifier's full
+# 0-3 preference score (correctness first, then no filler: the judge collect uses).
+SCORERS = {"verifier": VerifierJudge(pass_fail=True).reward, "preference": VerifierJudge().reward}
 
 
 # ------------------------------------------------------------------------------------------------ module

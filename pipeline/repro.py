@@ -3,7 +3,7 @@
     python -m pipeline.repro [dvc repro arguments]     # what `make pipeline` runs
 
 Every stage of a plain ``dvc repro`` already becomes a child of one parent run (found through the
-launching ``dvc`` process, see :mod:`pipeline.lineage`); each stage attaches the ``dvc.lock`` it started
+launching ``dvc`` process, see :mod:`pipeline.parents`); each stage attaches the ``dvc.lock`` it started
 from. Only a wrapper sees the lock DVC writes after the last stage, so this one opens the parent run,
 passes it to the stages (``POSTTRAIN_PARENT_RUN_ID``), runs ``dvc repro`` with the given arguments,
 then attaches the final ``dvc.lock`` and ``dvc metrics show --json`` and closes the parent FINISHED or
@@ -17,7 +17,8 @@ import subprocess
 import sys
 
 import pipeline  # noqa: F401  (telemetry off)
-from pipeline.lineage import PARENT_ENV, git_state, log_dvc_lock, tracking_uri
+from pipeline.parents import PARENT_ENV
+from pipeline.runs import git_state, log_dvc_lock, tracking_uri
 
 
 def main() -> None:
@@ -27,10 +28,10 @@ def main() -> None:
     cfg = OmegaConf.load("params.yaml") if os.path.exists("params.yaml") else OmegaConf.create(
         {"logger": {"tracking_uri": None, "experiment": "posttrain", "artifact_root": "mlruns/artifacts"}})
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    from pipeline.lineage import _experiment_id
+    from pipeline.runs import find_experiment
 
     commit, dirty = git_state()
-    parent = client.create_run(_experiment_id(client, cfg), run_name="dvc-repro", tags={
+    parent = client.create_run(find_experiment(client, cfg), run_name="dvc-repro", tags={
         "posttrain.kind": "pipeline", "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
         "posttrain.command": " ".join(["dvc", "repro", *sys.argv[1:]])}).info.run_id
     env = {**os.environ, PARENT_ENV: parent}

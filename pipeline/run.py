@@ -34,15 +34,23 @@ def run(cfg: DictConfig):
     :class:`pipeline.schema.RootConfig`: their own contract types them when they run."""
     from pipeline import stage
 
-    added = [name for name in stage.stage_names() if name not in STAGES and name in cfg]
-    groups = {name: cfg[name] for name in added}
-    cfg = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in added]) if added else cfg, added)
+    cfg = validate_with_added_stages(cfg)
     if cfg.stage is None:
         raise ConfigError(f"config key 'stage' needs a value; valid values: {stage.stage_names()}")
     set_offline(cfg.offline)
-    if groups:
-        cfg = OmegaConf.merge(OmegaConf.to_container(cfg), groups)
     return stage.execute(stage.load(cfg.stage), cfg)
+
+
+def validate_with_added_stages(cfg: DictConfig) -> DictConfig:
+    """:func:`pipeline.schema.validate`, leaving the groups of added stages (``stages/<name>.py`` beside the
+    built-in chain) to their own contracts, which type them when they run."""
+    from pipeline.stage import stage_names
+
+    added = [name for name in stage_names() if name not in STAGES and name in cfg]
+    if not added:
+        return validate(cfg)
+    typed = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in added]), added)
+    return OmegaConf.merge(OmegaConf.to_container(typed), {name: cfg[name] for name in added})
 
 
 def run_reporting(cfg: DictConfig):
@@ -82,7 +90,7 @@ def _warn_drift(path: str, cfg: DictConfig) -> None:
     if os.environ.get("DVC_EXP_BASELINE_REV") or not (Path(path).parent / "conf").is_dir():
         return
     from pipeline.compose import compose
-    from pipeline.lineage import flatten
+    from pipeline.runs import flatten
 
     try:
         fresh = flatten(compose(conf_dir=Path(path).parent / "conf"))

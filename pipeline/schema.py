@@ -147,7 +147,7 @@ class PrepareStageConfig:
 
 @dataclass
 class SftStageConfig(TrainingStageConfig):
-    peft: Optional[str] = choice(None, *PEFT_METHODS, default=None)
+    peft: Optional[PeftConfig] = None  # sft's own method (a peft group choice); None: the `peft` group
     accumulate_grad_batches: int = bounded(1)
     packing: bool = False
     pack_length: int = bounded(8)
@@ -411,7 +411,7 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.sft.packing and cfg.sft.pack_length < cfg.data.max_tokens:
         raise ConfigError(f"config key 'sft.pack_length' = {cfg.sft.pack_length} is below data.max_tokens = "
                           f"{cfg.data.max_tokens}: the longest rows would not fit a pack")
-    sft_method = cfg.sft.peft or cfg.peft.method
+    sft_method = (cfg.sft.peft or cfg.peft).method
     if cfg.sft.packing and sft_method in PROMPT_LEARNING:
         raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {sft_method!r} "
                           "(virtual tokens would be shared by every example of a pack); set sft.packing=false")
@@ -432,6 +432,7 @@ def _check_rules(cfg: DictConfig) -> None:
         if online.minibatch_size > online.prompts_per_iteration * online.get("group_size", 1):
             raise ConfigError(f"config key '{name}.minibatch_size' = {online.minibatch_size} exceeds the sequences "
                               f"sampled per iteration ({name}.prompts_per_iteration x samples per prompt)")
-    if cfg.peft.quantize_base and cfg.peft.method in ("none", "bitfit"):
-        raise ConfigError(f"config key 'peft.quantize_base' = {cfg.peft.quantize_base!r} needs an adapter method "
-                          f"(a 4-bit base cannot be trained directly); peft.method = {cfg.peft.method!r}")
+    for key, peft in (("peft", cfg.peft), ("sft.peft", cfg.sft.peft)):
+        if peft is not None and peft.quantize_base and peft.method in ("none", "bitfit"):
+            raise ConfigError(f"config key '{key}.quantize_base' = {peft.quantize_base!r} needs an adapter method "
+                              f"(a 4-bit base cannot be trained directly); {key}.method = {peft.method!r}")

@@ -179,8 +179,9 @@ def view(stage: Stage, cfg: DictConfig) -> DictConfig:
             try:
                 value = OmegaConf.merge(OmegaConf.structured(stage.config), value or {})
             except Exception as err:
-                raise ConfigError(f"config key '{getattr(err, 'full_key', None) or key}': "
-                                  f"{str(err).strip().splitlines()[0]}") from None
+                inner = getattr(err, "full_key", None)
+                where = f"{key}.{inner}" if inner else key
+                raise ConfigError(f"config key '{where}': {str(err).strip().splitlines()[0]}") from None
         OmegaConf.update(out, key, value, merge=False, force_add=True)
     OmegaConf.set_struct(out, True)
     OmegaConf.set_readonly(out, True)
@@ -206,8 +207,8 @@ def seed_everything(cfg: DictConfig) -> None:
 
 def execute(stage: Stage, cfg: DictConfig) -> dict:
     """Run one stage under its contract (see the module docstring); return its metrics."""
-    from pipeline.lineage import stage_run
     from pipeline.outputs import atomic_dir, stage_output, write_json
+    from pipeline.runs import stage_run
 
     seen = view(stage, cfg)
     if stage.check is not None:

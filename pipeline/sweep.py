@@ -24,12 +24,13 @@ class SweepParent(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.lineage import PARENT_ENV, _experiment_id, git_state, tracking_uri
+        from pipeline.parents import PARENT_ENV
+        from pipeline.runs import find_experiment, git_state, tracking_uri
 
         client = MlflowClient(tracking_uri=tracking_uri(config))
         commit, dirty = git_state()
         overrides = " ".join(config.hydra.overrides.task)
-        run = client.create_run(_experiment_id(client, config), run_name="sweep", tags={
+        run = client.create_run(find_experiment(client, config), run_name="sweep", tags={
             "posttrain.kind": "sweep", "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
             "sweep.overrides": overrides[:5000], "sweep.dir": str(config.hydra.sweep.dir)})
         self.run_id = run.info.run_id
@@ -38,7 +39,8 @@ class SweepParent(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.lineage import PARENT_ENV, tracking_uri
+        from pipeline.parents import PARENT_ENV
+        from pipeline.runs import tracking_uri
 
         if self.run_id:
             MlflowClient(tracking_uri=tracking_uri(config)).set_terminated(self.run_id, status="FINISHED")

@@ -2,7 +2,8 @@
 
 Full fine-tuning, a peft method (LoRA by default, DoRA, QLoRA, IA3, LoHa, LoKr, prompt and prefix
 tuning, ...) or BitFit, chosen by the ``peft`` config group (see :mod:`pipeline.adapters`), or by
-``sft.peft`` for this stage alone (``none``: full fine-tuning while alignment keeps its adapter). The loss is
+``sft.peft`` for this stage alone (a choice of the same group, ``peft@sft.peft=none`` by default: full
+fine-tuning while alignment keeps its adapter; ``sft.peft=null``: the ``peft`` group). The loss is
 on response tokens only (prompts, system turns and padding carry label -100, from ``prepare``). Optional
 packing puts several examples in one sequence with a block-diagonal causal mask and restarted positions,
 so no example attends to another. Gradient accumulation, warmup plus cosine decay, validation loss and

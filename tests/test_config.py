@@ -50,7 +50,7 @@ def test_committed_params_yaml_equals_composition_of_conf():
     ("base.max_steps=many", "config key 'base.max_steps'"),
     ("+base.learning_rate=0.1", "config key 'base.learning_rate'"),
     ("stage=train", "config key 'stage' = 'train' is not allowed"),
-    ("sft.peft=prefix_tuning", "config key 'sft.packing' = true does not work with peft.method = 'prefix_tuning'"),
+    ("peft@sft.peft=prefix_tuning", "config key 'sft.packing' = true does not work with peft.method = 'prefix_tuning'"),
     ("evaluate.variants=[sft,gpt5]", "config key 'evaluate.variants' has 'gpt5'"),
     ("peft.method=adapterx", "config key 'peft.method' = 'adapterx' is not allowed"),
 ])

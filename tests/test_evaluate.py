@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.evaluation import PromptBuilder, Variant, annotate, score, summarize
+from pipeline.evaluation import PromptBuilder, Variant, annotate, summarize
+from pipeline.judges import verifier_correct
 from pipeline.models import build_char_tokenizer
 from pipeline.report import render_markdown
 
@@ -45,10 +46,13 @@ def test_metrics_on_fixed_generations_match_hand_computation():
 
 
 def test_score_uses_the_checker_for_suite_rows_and_exact_match_for_user_rows():
-    assert score({"family": "apples", "answer": "5"}, "5", "the answer is 5.")
-    assert not score({"family": "apples", "answer": "5"}, "5", "6")
-    assert score({"source": "f:1"}, "Paris", " Paris ")
-    assert not score({"source": "f:1"}, "Paris", "Lyon")
+    def row(meta, gold):
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": gold}], "meta": meta}
+
+    assert verifier_correct(row({"family": "apples", "answer": "5"}, "5"), "the answer is 5.")
+    assert not verifier_correct(row({"family": "apples", "answer": "5"}, "5"), "6")
+    assert verifier_correct(row({"source": "f:1"}, "Paris"), " Paris ")
+    assert not verifier_correct(row({"source": "f:1"}, "Paris"), "Lyon")
 
 
 def test_few_shot_prompts_use_same_family_preferred_examples_and_fit_the_context():

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import sh
-from pipeline.lineage import format_chain, git_state
+from pipeline.lineage import format_chain
+from pipeline.runs import git_state
 
 
 def test_dirty_means_source_changed_not_the_pipelines_own_products(tmp_path: Path):

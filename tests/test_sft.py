@@ -199,11 +199,11 @@ def test_merged_model_equals_base_plus_adapter(smoke_chain, in_tmp):
 def test_sft_can_fine_tune_fully_while_alignment_keeps_its_adapter():
     from pipeline.adapters import stage_peft
 
-    cfg = compose("peft=dora", "sft.peft=none")
+    cfg = compose("peft=dora", "peft@sft.peft=none")
     assert stage_peft(cfg, "sft").method == "none" and stage_peft(cfg, "dpo").method == "lora"
     assert stage_peft(cfg, "dpo").options.use_dora
     assert stage_peft(compose("peft=dora", "sft.peft=null"), "sft").options.use_dora   # null: the peft group
-    assert stage_peft(compose("peft=qlora", "sft.peft=none"), "sft").quantize_base is None  # nothing to quantize under
+    assert stage_peft(compose("peft=qlora", "peft@sft.peft=none"), "sft").quantize_base is None  # nothing to quantize under
 
 
 def test_every_configurable_peft_method_maps_to_a_peft_class_or_is_handled_here():

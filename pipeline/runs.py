@@ -1,0 +1,285 @@
+"""The run writer: one MLflow run per stage execution, and the ``run.json`` it leaves beside the outputs.
+
+Each stage run records the resolved config it read (params plus ``config.yaml``), the git commit and dirty flag,
+package versions and platform, the digest of every input, the run ids of the upstream stages that produced
+them (read from the ``run.json`` beside each input, so lineage survives DVC cache hits), its metrics, its costs
+(wall time, peak memory) and its key artifacts. Which parent run a stage run belongs under is
+:mod:`pipeline.parents`' job; reading the lineage back is :mod:`pipeline.lineage`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.outputs import RUN_JSON, digest, read_json, write_json
+from pipeline.parents import PARENT_ENV, parent_run
+
+PACKAGES = ("torch", "lightning", "transformers", "peft", "trl", "hydra-core", "mlflow", "dvc", "posttrain")
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """The MLflow tracking URI: ``$MLFLOW_TRACKING_URI``, else ``logger.tracking_uri``, else a local
+    SQLite store under ``mlruns/`` of the DVC repo (``$DVC_ROOT``, which DVC points at the main repo even
+    for queued experiments running in temporary copies) or of the current directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
+    if uri:
+        return uri
+    store = (Path(os.environ.get("DVC_ROOT", ".")) / "mlruns").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def pipeline_products(root: str | Path = ".") -> set[str]:
+    """Tracked files the chain itself rewrites: ``dvc.lock``, and every output a stage of ``dvc.yaml`` declares
+    (outs, metrics, plots: DVC deletes them before it runs the stage) with the ``.gitignore`` DVC keeps beside
+    them. Read from ``dvc.yaml``, the one place that names them."""
+    products = {"dvc.lock"}
+    spec = Path(root) / "dvc.yaml"
+    if spec.exists():
+        import yaml
+
+        for stage in (yaml.safe_load(spec.read_text()) or {}).get("stages", {}).values():
+            for kind in ("outs", "metrics", "plots"):
+                for entry in stage.get(kind, []):
+                    path = entry if isinstance(entry, str) else next(iter(entry))
+                    products |= {path, str(Path(path).parent / ".gitignore")}
+    return products
+
+
+def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
+    """(commit, dirty) of the git work tree at ``cwd``; ("unknown", True) outside git. Dirty means a tracked
+    file other than the pipeline's own products (:func:`pipeline_products`) differs from the commit: otherwise
+    every stage of a clean `dvc repro` would count as dirty, its tracked metrics deleted by DVC before it runs."""
+    exclude = [f":(exclude){path}" for path in sorted(pipeline_products(cwd))]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                                cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def environment() -> dict[str, str]:
+    """Package versions and platform, for reproducibility records."""
+    info = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine()}
+    for name in PACKAGES:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = "absent"
+    return info
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    items = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in items.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class StageRun:
+    """The MLflow run of one stage execution, and the ``run.json`` it leaves beside its outputs."""
+
+    def __init__(self, client, run_id: str, parent_id: str | None, uri: str, stage: str, cfg: DictConfig):
+        self.client = client
+        self.run_id = run_id
+        self.parent_id = parent_id
+        self.tracking_uri = uri
+        self.stage = stage
+        self.cfg = cfg
+        self.inputs: dict[str, dict[str, Any]] = {}
+        self.commit, self.dirty = git_state()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log numeric metrics (non-numbers are skipped) under their ``split/name`` names."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a file or folder into the run's artifacts."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.client.set_tag(self.run_id, key, str(value))
+
+    def add_input(self, name: str, path: str | Path, dataset: bool = False) -> dict[str, Any]:
+        """Record an input folder or file: its digest and the run that produced it (from its run.json).
+
+        ``dataset=True`` also registers it with ``mlflow.log_input`` so the MLflow UI lists it under
+        the run's datasets.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: input '{name}' of stage '{self.stage}' does not exist; run its stage first")
+        info: dict[str, Any] = {"path": str(path), "digest": digest(path)}
+        producer = path / RUN_JSON if path.is_dir() else path.parent / RUN_JSON
+        if producer.exists():
+            upstream = read_json(producer)
+            info["run_id"] = upstream.get("run_id")
+            info["stage"] = upstream.get("stage")
+        self.inputs[name] = info
+        self.set_tag(f"input.{name}.digest", info["digest"])
+        if info.get("run_id"):
+            self.set_tag(f"upstream.{name}.run_id", info["run_id"])
+        if dataset:
+            self._log_dataset(name, path, info["digest"], context="input")
+        return info
+
+    def add_output(self, name: str, path: str | Path, dataset: bool = False) -> str:
+        """Record an output's digest as a tag (and, for data, as an MLflow dataset with context
+        ``output``); return the digest."""
+        path = Path(path)
+        content_digest = digest(path)
+        self.set_tag(f"output.{name}.digest", content_digest)
+        if dataset:
+            self._log_dataset(name, path, content_digest, context="output")
+        return content_digest
+
+    def _log_dataset(self, name: str, path: Path, content_digest: str, context: str = "input") -> None:
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path.resolve()))
+        dataset = MetaDataset(source, name=name, digest=content_digest[:36])
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
+    def child(self, name: str, tags: dict[str, str] | None = None) -> "StageRun":
+        """A nested run under this one (e.g. one per evaluated variant), so the MLflow UI can compare
+        them side by side under the same metric names. Close it with :meth:`finish`."""
+        run = self.client.create_run(self.client.get_run(self.run_id).info.experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.run_id, "posttrain.stage": self.stage, "posttrain.kind": "variant",
+            "mlflow.source.git.commit": self.commit, **(tags or {})})
+        return StageRun(self.client, run.info.run_id, self.run_id, self.tracking_uri, self.stage, self.cfg)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """The ``run.json`` content for this run: identity, code version, config digest, inputs."""
+        import hashlib
+
+        config_text = OmegaConf.to_yaml(self.cfg, resolve=True)
+        return {
+            "stage": self.stage,
+            "run_id": self.run_id,
+            "parent_run_id": self.parent_id,
+            "tracking_uri": self.tracking_uri,
+            "git_commit": self.commit,
+            "git_dirty": self.dirty,
+            "config_digest": hashlib.sha256(config_text.encode()).hexdigest(),
+            "inputs": self.inputs,
+            "environment": environment(),
+            **extra,
+        }
+
+    def write_run_json(self, folder: str | Path, **extra: Any) -> None:
+        """Write ``run.json`` into an output folder (call inside its :func:`atomic_dir` block)."""
+        write_json(Path(folder) / RUN_JSON, self.record(**extra))
+
+
+def find_experiment(client, cfg: DictConfig) -> str:
+    """The id of ``logger.experiment``, created (with its artifact root) on first use."""
+    exp = client.get_experiment_by_name(cfg.logger.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    root = (Path(os.environ.get("DVC_ROOT", ".")) / cfg.logger.artifact_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return client.create_experiment(cfg.logger.experiment, artifact_location=root.as_uri())
+    except Exception:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(cfg.logger.experiment).experiment_id
+
+
+@contextmanager
+def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage execution; close it FINISHED, or FAILED on error."""
+    import resource
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which exports $MLFLOW_TRACKING_URI: restored on
+    # exit, so a later stage in the same process (a sweep job, a test) resolves its own store, not this one's.
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = find_experiment(client, cfg)
+    parent = parent_run(client, experiment_id)
+    commit, dirty = git_state()
+    tags = {"posttrain.stage": stage, "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
+            "mlflow.source.name": "pipeline.run", "posttrain.kind": "stage"}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    current = StageRun(client, run.info.run_id, parent, uri, stage, cfg)
+    _log_config(client, current, cfg)
+    if parent:  # the pipeline run carries the lock this stage started from (pipeline.repro adds the final one)
+        log_dvc_lock(client, parent, os.environ.get("DVC_ROOT", "."))
+    status = "FAILED"
+    started = time.perf_counter()
+    try:
+        yield current
+        status = "FINISHED"
+        # What the stage cost: wall time and the process's peak resident memory (Linux reports KiB).
+        client.log_batch(current.run_id, metrics=[
+            Metric("system/wall_seconds", round(time.perf_counter() - started, 1), int(time.time() * 1000), 0),
+            Metric("system/peak_rss_mb", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   int(time.time() * 1000), 0)])
+    finally:
+        client.set_terminated(current.run_id, status=status)
+        if parent and not os.environ.get(PARENT_ENV):  # a sweep's or wrapper's parent is closed by its owner
+            client.set_terminated(parent, status=status)
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+
+def _log_config(client, run: StageRun, cfg: DictConfig) -> None:
+    """Log the resolved config as params (one per leaf) and as ``config.yaml``; environment as tags."""
+    from mlflow.entities import Param, RunTag
+
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.run_id, params=params[i:i + 100])
+    client.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    env_tags = [RunTag(f"env.{k}", v) for k, v in environment().items()]
+    client.log_batch(run.run_id, tags=env_tags + [RunTag("env.argv", " ".join(sys.argv)[:5000])])
+
+
+def log_dvc_lock(client, run_id: str, root: str | Path = ".") -> None:
+    """Attach the repo's ``dvc.lock`` (the hashes of every stage's code, params and outputs) to a run."""
+    lock = Path(root) / "dvc.lock"
+    if lock.exists():
+        client.log_text(run_id, lock.read_text(), "dvc.lock")
