@@ -393,7 +393,7 @@ def check_online(cfg: DictConfig) -> None:
                           "(lora, ia3, ...) or full fine-tuning; virtual tokens do not fit its token layout")
 
 
-def online_stage(name: str, run: Callable, reward_always: bool, note: str = "") -> Stage:
+def online_stage(name: str, reward_always: bool, note: str = "") -> Stage:
     """The contract both online stages share: prompts and the SFT policy in, the aligned policy out."""
     from pipeline.models import LOAD_KEYS
     from pipeline.stage import Chart, Input, Plot, Stage
@@ -401,7 +401,6 @@ def online_stage(name: str, run: Callable, reward_always: bool, note: str = "") 
 
     return Stage(
         name=name,
-        run=run,
         check=check_online,
         inputs=(Input("prepare", "prepare/prompts.jsonl", dataset=True), Input("sft", "sft"),
                 Input("reward", "reward", conditional=not reward_always, note=note)),

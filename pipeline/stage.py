@@ -1,8 +1,8 @@
 """The stage contract: what a stage reads, writes and runs, declared once, beside the stage's code.
 
-Every ``stages/<name>.py`` ends with ``STAGE = Stage(...)``: its name, its inputs (other stages' outputs and
-files under ``paths.data``), the config keys it reads beyond its own group, its plots, and its ``run``
-function. Everything else follows from that one declaration:
+Every ``stages/<name>.py`` opens with ``STAGE = Stage(...)``: its name, its inputs (other stages' outputs and
+files under ``paths.data``), the config keys it reads beyond its own group and its plots; then come its data,
+its module and, last, its ``run(ctx)`` function. Everything else follows from that one declaration:
 
 - :func:`execute` (what ``pipeline.run`` calls) resolves the input paths, records them in the stage's MLflow
   run, seeds the process, hands ``run`` a :class:`Context` whose ``cfg`` holds *only* the declared keys
@@ -18,7 +18,7 @@ import importlib
 import inspect
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,12 +84,13 @@ class Stage:
     stage's group, for a stage outside :class:`pipeline.schema.RootConfig` (a new stage)."""
 
     name: str
-    run: Callable[["Context"], dict]
+    run: Callable[["Context"], dict] | None = None  # default: the ``run`` function of the stage's module
     inputs: tuple[Input, ...] = ()
     params: tuple[str, ...] = ()
     plots: tuple[Plot, ...] = ()
     charts: tuple[Chart, ...] = ()
-    check: Callable[[DictConfig], None] | None = None  # refuses a bad config before any input is read
+    check: Callable[[DictConfig], None] | None = None  # refuses a bad config before any input is read (default:
+                                                       # the module's ``check(cfg)``, if it has one)
     config: type | None = None
 
     @property
@@ -165,6 +166,12 @@ def load(name: str) -> Stage:
     contract = getattr(module, "STAGE", None)
     if not isinstance(contract, Stage) or contract.name != name:
         raise ContractError(f"stages/{name}.py must define STAGE = Stage(name={name!r}, ...)")
+    if contract.run is None:
+        if not callable(getattr(module, "run", None)):
+            raise ContractError(f"stages/{name}.py must define run(ctx: Context) -> dict")
+        contract = replace(contract, run=module.run)
+    if contract.check is None and callable(getattr(module, "check", None)):
+        contract = replace(contract, check=module.check)
     return contract
 
 

@@ -48,6 +48,14 @@ from pipeline.training import TRAINER_KEYS, StageModule, StepBatches, adamw_warm
 SOURCE_JSON = "source.json"
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="base",
+    params=(*SOURCE_KEYS, "model.arch", "data.holdout_share", "data.held_out_family", *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="base pretraining loss"),),
+)
+
+
 class PretrainData(L.LightningDataModule):
     """Generated text, tokenized into one stream and cut into ``seq_len`` windows.
 
@@ -297,11 +305,3 @@ def digest_files(files: list[Path]) -> str:
     for f in files:
         h.update(f.name.encode() + b"\0" + file_digest(f).encode())
     return h.hexdigest()
-
-
-STAGE = Stage(
-    name="base",
-    run=run,
-    params=(*SOURCE_KEYS, "model.arch", "data.holdout_share", "data.held_out_family", *TRAINER_KEYS),
-    plots=(Plot("loss.json", x="step", y="train/loss", title="base pretraining loss"),),
-)

@@ -53,6 +53,18 @@ from pipeline.stage import Chart, Context, Input, Plot, Stage
 log = logging.getLogger(__name__)
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="collect",
+    inputs=(Input("prepare", "prepare", dataset=True), Input("sft", "sft"),
+            Input("labels", "labels", conditional=True, note="read with judge=human")),
+    params=("judge", *LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
+    plots=(Plot("lengths.csv"),),
+    charts=(Chart("chosen vs rejected response length", "linear", x="characters",
+                  y={"lengths.csv": ["chosen", "rejected"]}),),
+)
+
+
 class SamplingModule(L.LightningModule):
     """Samples ``k`` responses per prompt (``Trainer.predict``); keeps a running tokens/s figure."""
 
@@ -221,15 +233,3 @@ def run(ctx: Context) -> dict:
     log.info("collect: %d pairs from %d prompts (judge %s), %.0f tokens/s",
              len(pairs), len(rows), judge.name, tokens_per_second)
     return stats
-
-
-STAGE = Stage(
-    name="collect",
-    run=run,
-    inputs=(Input("prepare", "prepare", dataset=True), Input("sft", "sft"),
-            Input("labels", "labels", conditional=True, note="read with judge=human")),
-    params=("judge", *LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
-    plots=(Plot("lengths.csv"),),
-    charts=(Chart("chosen vs rejected response length", "linear", x="characters",
-                  y={"lengths.csv": ["chosen", "rejected"]}),),
-)

@@ -47,6 +47,16 @@ from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fi
 log = logging.getLogger(__name__)
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="dpo",
+    inputs=(Input("collect", "collect/pairs.jsonl", dataset=True), Input("sft", "sft")),
+    params=("peft", *LOAD_KEYS, *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="dpo training loss"),
+           Plot("val.json", x="step", y="val/rewards/margin", title="dpo held-out reward margin")),
+)
+
+
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """TRL's preference batch layout: rows ``[chosen..., rejected...]`` right-padded, with an attention
     mask and a completion mask (1 on response tokens), plus precomputed reference log-probs if present."""
@@ -216,14 +226,3 @@ def run(ctx: Context) -> dict:
             "train/dropped_too_long": datamodule.dropped,
             "train/samples_per_second": round(steps_done / max(result.seconds, 1e-9), 2),
             "train/seconds": round(time.time() - start, 1)}
-
-
-STAGE = Stage(
-    name="dpo",
-    run=run,
-    check=check,
-    inputs=(Input("collect", "collect/pairs.jsonl", dataset=True), Input("sft", "sft")),
-    params=("peft", *LOAD_KEYS, *TRAINER_KEYS),
-    plots=(Plot("loss.json", x="step", y="train/loss", title="dpo training loss"),
-           Plot("val.json", x="step", y="val/rewards/margin", title="dpo held-out reward margin")),
-)

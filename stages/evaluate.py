@@ -53,6 +53,21 @@ from pipeline.outputs import write_atomic
 from pipeline.stage import Chart, Context, Input, Plot, Stage, seed_everything
 from pipeline.stats import paired_difference, with_interval
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="evaluate",
+    inputs=(Input("prepare", "prepare", dataset=True),
+            *(Input(name, name, conditional=True, note="a variant's model: read when evaluate.variants names it")
+              for name in ("base", "sft", "dpo", "ppo", "grpo")),
+            Input("quantize", "quantize", conditional=True, note="a variant's model and the report's quantization table"),
+            Input("reward", "reward", conditional=True, note="test/reward_score when its gate passed")),
+    params=(*SOURCE_KEYS, "trainer.accelerator", "trainer.precision"),
+    plots=(Plot("accuracy.csv"), Plot("reward_kl.csv")),
+    charts=(Chart("accuracy per variant and slice", "bar_horizontal", x="accuracy", y={"accuracy.csv": "variant"}),
+            Chart("reward-model score against KL to SFT (aligned variants)", "scatter", x="kl_to_sft",
+                  y={"reward_kl.csv": "reward_score"})),
+)
+
 
 def variants(ctx: Context) -> list[Variant]:
     """The configured variants whose model exists: the base model prompted plainly (zero-shot, few-shot,
@@ -231,19 +246,3 @@ def write_accuracy_plot(results: dict, path: Path) -> None:
         lines.append(f"{name},overall,{m['test/accuracy']}")
         lines += [f"{name},{f},{m['test/accuracy_' + f]}" for f in families]
     write_atomic(path, "\n".join(lines) + "\n")
-
-
-STAGE = Stage(
-    name="evaluate",
-    run=run,
-    inputs=(Input("prepare", "prepare", dataset=True),
-            *(Input(name, name, conditional=True, note="a variant's model: read when evaluate.variants names it")
-              for name in ("base", "sft", "dpo", "ppo", "grpo")),
-            Input("quantize", "quantize", conditional=True, note="a variant's model and the report's quantization table"),
-            Input("reward", "reward", conditional=True, note="test/reward_score when its gate passed")),
-    params=(*SOURCE_KEYS, "trainer.accelerator", "trainer.precision"),
-    plots=(Plot("accuracy.csv"), Plot("reward_kl.csv")),
-    charts=(Chart("accuracy per variant and slice", "bar_horizontal", x="accuracy", y={"accuracy.csv": "variant"}),
-            Chart("reward-model score against KL to SFT (aligned variants)", "scatter", x="kl_to_sft",
-                  y={"reward_kl.csv": "reward_score"})),
-)

@@ -35,6 +35,9 @@ from pipeline import rl
 from pipeline.online import OnlineModule, Reference, Rollout, Scorer, online_stage, run_stage
 from pipeline.stage import Context
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = online_stage("grpo", reward_always=False, note="read only with grpo.reward=model")
+
 
 class GRPOModule(OnlineModule):
     """GRPO: group-normalized advantages, clipped surrogate, k3 KL penalty (see the module docstring)."""
@@ -73,6 +76,3 @@ def run(ctx: Context) -> dict:
         return GRPOModule(model, tokenizer, ctx.cfg, scorer, reference)
 
     return run_stage(ctx, make_module, reward=ctx.config.reward)
-
-
-STAGE = online_stage("grpo", run, reward_always=False, note="read only with grpo.reward=model")

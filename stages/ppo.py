@@ -57,6 +57,10 @@ from pipeline.tokens import padded_forward
 CRITIC = "critic"
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = online_stage("ppo", reward_always=True)
+
+
 def decoder_of(model) -> torch.nn.Module:
     """The transformer body of a causal LM (peft-wrapped or not): its last hidden states feed the value head."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -180,6 +184,3 @@ def run(ctx: Context) -> dict:
                   str(target / "value_head.safetensors"))
 
     return run_stage(ctx, make_module, reward="model", save_extra=save_critic)
-
-
-STAGE = online_stage("ppo", run, reward_always=True)

@@ -44,6 +44,17 @@ SPLITS = ("train", "val", "test", "prompts")
 TOKENIZED_SPLITS = ("train", "val")
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="prepare",
+    inputs=(Input("base", "base"),),
+    params=("data", *SOURCE_KEYS),
+    plots=(Plot("token_lengths.csv"),),
+    charts=(Chart("token lengths per split", "linear", x="tokens",
+                  y={"token_lengths.csv": ["train", "val", "test", "prompts"]}),),
+)
+
+
 def row_id(row: dict) -> str:
     """Stable id of a row: a digest of its conversation."""
     return hashlib.sha256(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest()[:16]
@@ -276,14 +287,3 @@ def write_length_plot(splits: dict[str, list[dict]], folder: Path, bins: int) ->
     """Token-length histogram: CSV for ``dvc plots`` and a PNG for the card and MLflow."""
     write_histogram(folder, "token_lengths", {name: [r["num_tokens"] for r in rs] for name, rs in splits.items()},
                     bins, "tokens", "tokens per row (prompt + response, chat template)", "rows", "Token lengths per split")
-
-
-STAGE = Stage(
-    name="prepare",
-    run=run,
-    inputs=(Input("base", "base"),),
-    params=("data", *SOURCE_KEYS),
-    plots=(Plot("token_lengths.csv"),),
-    charts=(Chart("token lengths per split", "linear", x="tokens",
-                  y={"token_lengths.csv": ["train", "val", "test", "prompts"]}),),
-)

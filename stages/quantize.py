@@ -51,6 +51,17 @@ log = logging.getLogger(__name__)
 FP32 = "fp32"
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="quantize",
+    inputs=(Input("source", "${quantize.source}", note="the model quantized (params.yaml's quantize.source)"),
+            Input("prepare", "prepare", dataset=True)),
+    params=(*LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
+    plots=(Plot("methods.csv", x="linear_ratio", y="method", template="bar_horizontal",
+                title="linear-layer bytes vs fp32 per quantization method"),),
+)
+
+
 class CalibrationModule(L.LightningModule):
     """Runs calibration batches through the fp32 model (``Trainer.predict``) while a
     :class:`pipeline.quantization.RangeObserver` records every linear layer's input range."""
@@ -141,7 +152,7 @@ def roundtrip_difference(model, folder: Path, tokenizer, rows: list[dict], model
     return float((before - after).abs().max())
 
 
-def check_config(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> None:
     """Refuse, before any heavy work, a saved method that does not save or that this machine cannot run."""
     q = cfg.quantize
     if not Q.METHODS[q.method].saves:
@@ -244,15 +255,3 @@ def write_methods_plot(results: dict, path: Path) -> None:
     lines = ["method,linear_ratio,accuracy,forward_ms"]
     lines += [f"{name},{m['size/linear_ratio']},{m['test/accuracy']},{m['speed/forward_ms']}" for name, m in results.items()]
     write_atomic(path, "\n".join(lines) + "\n")
-
-
-STAGE = Stage(
-    name="quantize",
-    run=run,
-    check=check_config,
-    inputs=(Input("source", "${quantize.source}", note="the model quantized (params.yaml's quantize.source)"),
-            Input("prepare", "prepare", dataset=True)),
-    params=(*LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
-    plots=(Plot("methods.csv", x="linear_ratio", y="method", template="bar_horizontal",
-                title="linear-layer bytes vs fp32 per quantization method"),),
-)

@@ -47,6 +47,20 @@ from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fi
 log = logging.getLogger(__name__)
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="reward",
+    inputs=(Input("collect", "collect/pairs.jsonl", dataset=True),
+            Input("sft", "sft", conditional=True, note="the backbone unless reward.backbone names another")),
+    params=("peft", *SOURCE_KEYS, *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="reward model training loss"),
+           Plot("val_accuracy.json", x="step", y="val/accuracy", title="reward model held-out pairwise accuracy"),
+           Plot("rewards.csv")),
+    charts=(Chart("reward model on held-out pairs (chosen vs rejected rewards)", "linear", x="reward",
+                  y={"rewards.csv": ["chosen", "rejected"]}),),
+)
+
+
 def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) padded on ``side``."""
     width = max(len(r) for r in rows)
@@ -192,17 +206,3 @@ def run(ctx: Context) -> dict:
             "train/pairs": len(datamodule.train_items), "val/pairs": len(datamodule.val_items),
             "train/dropped_too_long": datamodule.dropped, "gate/passed": int(verdict["passed"]),
             "train/seconds": round(time.time() - start, 1)}
-
-
-STAGE = Stage(
-    name="reward",
-    run=run,
-    inputs=(Input("collect", "collect/pairs.jsonl", dataset=True),
-            Input("sft", "sft", conditional=True, note="the backbone unless reward.backbone names another")),
-    params=("peft", *SOURCE_KEYS, *TRAINER_KEYS),
-    plots=(Plot("loss.json", x="step", y="train/loss", title="reward model training loss"),
-           Plot("val_accuracy.json", x="step", y="val/accuracy", title="reward model held-out pairwise accuracy"),
-           Plot("rewards.csv")),
-    charts=(Chart("reward model on held-out pairs (chosen vs rejected rewards)", "linear", x="reward",
-                  y={"rewards.csv": ["chosen", "rejected"]}),),
-)

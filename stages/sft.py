@@ -34,6 +34,16 @@ from pipeline.training import TRAINER_KEYS, StageModule, StepBatches, adamw_warm
 Example = tuple[list[int], list[int]]
 
 
+# The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
+STAGE = Stage(
+    name="sft",
+    inputs=(Input("base", "base"), Input("prepare", "prepare", dataset=True)),
+    params=("peft", *SOURCE_KEYS, *TRAINER_KEYS),
+    plots=(Plot("loss.json", x="step", y="train/loss", title="sft training loss"),
+           Plot("val_loss.json", x="step", y="val/loss", title="sft validation loss")),
+)
+
+
 def load_tokenized(path: Path) -> list[Example]:
     """(input_ids, labels) per row from a ``prepare`` safetensors file."""
     from safetensors.torch import load_file
@@ -196,13 +206,3 @@ def run(ctx: Context) -> dict:
         "train/epochs": round(steps_tokens * sft.batch_size * world / max(len(data.train_items), 1), 2),
         "train/world_size": world,  # data-parallel processes (trainer.devices with ddp)
     }
-
-
-STAGE = Stage(
-    name="sft",
-    run=run,
-    inputs=(Input("base", "base"), Input("prepare", "prepare", dataset=True)),
-    params=("peft", *SOURCE_KEYS, *TRAINER_KEYS),
-    plots=(Plot("loss.json", x="step", y="train/loss", title="sft training loss"),
-           Plot("val_loss.json", x="step", y="val/loss", title="sft validation loss")),
-)

@@ -133,7 +133,7 @@ def test_sizes_by_hand_for_int8_weight_only(tmp_path):
 def test_dynamic_int8_runs_in_process_and_is_never_a_saved_method(tmp_path):
     from omegaconf import OmegaConf
 
-    from stages.quantize import check_config
+    from stages.quantize import check
 
     source = save_tiny_model(tmp_path / "fp32", "llama")
     model = Q.quantize_model("int8_dynamic", source)
@@ -144,20 +144,20 @@ def test_dynamic_int8_runs_in_process_and_is_never_a_saved_method(tmp_path):
                                                           if hasattr(m, "in_features"))
     cfg = OmegaConf.create({"quantize": {"method": "int8_dynamic"}})
     with pytest.raises(ConfigError, match="quantize.method.*cannot be saved"):
-        check_config(cfg)
+        check(cfg)
 
 
 def test_unsupported_int4_gets_a_clear_message_not_a_crash():
     from omegaconf import OmegaConf
 
-    from stages.quantize import check_config
+    from stages.quantize import check
 
     try:
         Q.check_supported("int4_weight_only")
     except Q.UnsupportedMethod as err:
         assert "int4_weight_only" in str(err) and "does not run on" in str(err)
         with pytest.raises(ConfigError, match="quantize.method.*int4_weight_only"):
-            check_config(OmegaConf.create({"quantize": {"method": "int4_weight_only"}}))
+            check(OmegaConf.create({"quantize": {"method": "int4_weight_only"}}))
     else:  # hardware with int4 kernels: then it must really run
         layer = Q._apply_in_place("int4_weight_only", torch.nn.Sequential(torch.nn.Linear(256, 256)), {})
         layer(torch.randn(2, 256))
