@@ -26,7 +26,7 @@ from pipeline.adapters import load_trained
 from pipeline.generation import generate
 from pipeline.judges import verifier_correct
 from pipeline.models import base_sources, end_of_turn_ids, load_causal_lm, render_ids
-from pipeline.stats import paired_difference, with_interval
+from pipeline.stats import paired_difference, rounded, with_interval
 from pipeline.tokens import left_pad, padded_forward, token_logps
 
 
@@ -136,13 +136,14 @@ class EvalModule(L.LightningModule):
         self.model, self.tok, self.builder, self.cfg = model, tokenizer, builder, settings
         self.reference = reference  # the SFT model, for KL of this variant's answers to it (None: not measured)
         self.seed = settings.seed
+        self.stops = builder.stop_ids(model)  # the same for every batch of this variant
         self.records: list[dict] = []
         self.gen_stats = {"new_tokens": 0, "seconds": 0.0}
 
     def test_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
         prompts = [self.builder.prompt(row, i) for i, row in batch]
         outs, stats = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
-                               stop_ids=self.builder.stop_ids(self.model), do_sample=self.cfg.do_sample,
+                               stop_ids=self.stops, do_sample=self.cfg.do_sample,
                                temperature=self.cfg.temperature, top_p=self.cfg.top_p)
         self.gen_stats["new_tokens"] += stats["new_tokens"]
         self.gen_stats["seconds"] += stats["seconds"]
@@ -151,7 +152,7 @@ class EvalModule(L.LightningModule):
         sampled = [None] * len(outs)
         if self.cfg.sampled_accuracy:  # the same prompts sampled at temperature 1: what RL-style training sees
             sampled, _ = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
-                                  stop_ids=self.builder.stop_ids(self.model), do_sample=True, temperature=1.0,
+                                  stop_ids=self.stops, do_sample=True, temperature=1.0,
                                   generator_seed=self.seed * 7919 + batch_idx)
         for (_, row), out, n, c, kl, samp in zip(batch, outs, nll, counts, kls, sampled, strict=True):
             meta = row["meta"]
@@ -226,7 +227,7 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
         rate("test/accuracy_sampled", records, "sampled_correct")
     for family in sorted({r["family"] for r in records}):
         rate(f"test/accuracy_{family}", [r for r in records if r["family"] == family])
-    return {k: round(v, 4) for k, v in metrics.items()}
+    return rounded(metrics)
 
 
 # Per-prompt outcomes compared with SFT's on the same prompts: metric -> (record field, which rows).
@@ -249,7 +250,7 @@ def differences_vs_sft(records: list[dict], baseline: list[dict]) -> dict[str, f
             continue
         diff, low, high = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
         out.update({f"{key}_vs_sft": diff, f"{key}_vs_sft_ci_low": low, f"{key}_vs_sft_ci_high": high})
-    return {k: round(v, 4) for k, v in out.items()}
+    return rounded(out)
 
 
 def pairwise_win_rate(ids: list[str], mine: dict[str, object], theirs: dict[str, object],

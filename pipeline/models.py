@@ -142,14 +142,21 @@ def check_chat_template(tokenizer, source: str) -> None:
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"{source}: the tokenizer has no chat template; set model.chat_template to a Jinja template")
-    messages = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
     try:
-        prompt = render_ids(tokenizer, messages[:1], add_generation_prompt=True)
-        full = render_ids(tokenizer, messages)
+        prompt, full = render_probe(tokenizer)
     except Exception as err:  # a broken template raises anything jinja can raise
         raise ModelError(f"{source}: the chat template does not render a conversation: {err}") from None
     if full[: len(prompt)] != prompt or len(full) <= len(prompt):
         raise ModelError(f"{source}: the chat template's generation prompt is not a prefix of the full conversation")
+
+
+# One short exchange every check of a chat template renders.
+PROBE = ({"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"})
+
+
+def render_probe(tokenizer) -> tuple[list[int], list[int]]:
+    """(generation prompt, whole conversation) of :data:`PROBE` as token ids through the chat template."""
+    return render_ids(tokenizer, list(PROBE[:1]), add_generation_prompt=True), render_ids(tokenizer, list(PROBE))
 
 
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -176,10 +183,8 @@ def template_turn_end(tokenizer) -> int | None:
     None without a chat template or when the template closes turns in plain text."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine"}]
     try:
-        prompt = render_ids(tokenizer, messages[:1], add_generation_prompt=True)
-        full = render_ids(tokenizer, messages)
+        prompt, full = render_probe(tokenizer)
     except Exception:  # a template that cannot render is reported by check_chat_template
         return None
     specials = special_ids(tokenizer)

@@ -58,6 +58,11 @@ def with_interval(metrics: dict[str, float], key: str, values: Sequence[float]) 
     metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = interval(x)
 
 
+def rounded(metrics: dict, digits: int = 4) -> dict:
+    """Metrics with every float rounded to ``digits``: the one rounding every metric file goes through."""
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
 def excludes_zero(low: float, high: float) -> bool:
     """Whether an interval of a difference excludes zero (the effect is claimed)."""
     return low > 0 or high < 0

@@ -235,9 +235,11 @@ class Fit:
 
     def metrics(self, digits: int = 4) -> dict:
         """Validation metrics after training, and before it as ``<key>_before``, rounded once, here."""
-        out = {k: round(float(v), digits) for k, v in self.after.items()}
-        out.update({f"{k}_before": round(float(v), digits) for k, v in (self.before or {}).items()})
-        return out
+        from pipeline.stats import rounded
+
+        out = {k: float(v) for k, v in self.after.items()}
+        out.update({f"{k}_before": float(v) for k, v in (self.before or {}).items()})
+        return rounded(out, digits)
 
 
 def fit(ctx, module: L.LightningModule, datamodule: L.LightningDataModule, max_steps: int, val_every: int | None,

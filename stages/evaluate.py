@@ -51,7 +51,7 @@ from pipeline.evaluation import (
 from pipeline.models import SOURCE_KEYS, base_sources, load_tokenizer
 from pipeline.outputs import write_atomic
 from pipeline.stage import Chart, Context, Input, Plot, Stage, seed_everything
-from pipeline.stats import paired_difference, with_interval
+from pipeline.stats import paired_difference, rounded, with_interval
 
 # The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
 STAGE = Stage(
@@ -124,7 +124,9 @@ def run(ctx: Context) -> dict:
             prompts = [{"messages": r["messages"][:-1]} for r in test_rows]
             responses = {r["id"]: r["response"] for r in records}
             scores = reward_score(prompts, [responses[r["id"]] for r in test_rows])
-            with_interval(metrics, "test/reward_score", scores.tolist())
+            score: dict[str, float] = {}
+            with_interval(score, "test/reward_score", scores.tolist())
+            metrics.update(rounded(score))
             reward_by_variant[variant.name] = scores
         results[variant.name] = metrics
         by_variant[variant.name] = records
@@ -137,9 +139,8 @@ def run(ctx: Context) -> dict:
             mine, theirs = reward_by_variant[name], reward_by_variant["sft"]
             metrics["test/reward_win_rate_vs_sft"] = reward_win_rate(mine, theirs)
             diff, low, high = paired_difference(mine.tolist(), theirs.tolist())
-            metrics.update({"test/reward_score_vs_sft": diff, "test/reward_score_vs_sft_ci_low": low,
-                            "test/reward_score_vs_sft_ci_high": high})
-        results[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            metrics.update(rounded({"test/reward_score_vs_sft": diff, "test/reward_score_vs_sft_ci_low": low,
+                                    "test/reward_score_vs_sft_ci_high": high}))
     for name, metrics in run_lm_eval(ctx, chosen).items():
         results[name].update(metrics)
     for name, metrics in results.items():
