@@ -9,6 +9,7 @@ dataset folder (``save_to_disk``). Every row is checked; a bad one raises :class
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,10 +21,15 @@ class InputError(ValueError):
     """A malformed input row or file; the message names file, line and field."""
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, raw_row)`` from a JSONL file, a Parquet file or an HF dataset folder.
 
-    Line numbers are 1-based file lines for JSONL and 1-based row numbers otherwise.
+    Line numbers are 1-based file lines for JSONL and 1-based row numbers otherwise. A JSONL file may start
+    with a UTF-8 byte-order mark (spreadsheet exports write one); a line that is not UTF-8 or not JSON is
+    yielded as an :class:`InputError` naming the file and line, like any other bad row.
     """
     path = Path(path)
     if not path.exists():
@@ -33,14 +39,23 @@ def read_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, Any]]:
         if fmt is None:
             raise InputError(f"{path}: unknown format; use .jsonl, .parquet or a dataset folder, or set data.format")
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                if number == 1 and raw.startswith(UTF8_BOM):
+                    raw = raw[len(UTF8_BOM):]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield number, InputError(f"{path}:{number}: not valid UTF-8 at byte {err.start + 1}")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as err:
                     yield number, InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})")
+                except RecursionError:
+                    yield number, InputError(f"{path}:{number}: JSON nested too deeply")
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -134,11 +149,17 @@ def load_files(paths: list[str], fmt: str, on_bad_row: str) -> tuple[list[dict],
             except InputError as err:
                 if on_bad_row == "error":
                     raise
-                reason = str(err).split(": ", 1)[1].split(" ", 2)[:2]
-                skipped[" ".join(reason)] += 1
+                skipped[skip_reason(err)] += 1
         if not any_row:
             raise InputError(f"{path}: the file has no rows")
     return rows, skipped
+
+
+def skip_reason(err: InputError) -> str:
+    """What went wrong with a row, without its location or row-specific details (the column of a JSON
+    error, the byte of a decoding error), so the data card counts each kind of error once."""
+    message = str(err).split(": ", 1)[-1]
+    return re.split(r" \(| at (?:byte|column) ", message, maxsplit=1)[0]
 
 
 def prompt_of(row: dict) -> list[dict]:

@@ -26,6 +26,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -41,6 +42,38 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (``.<name>.tmp-<pid>``, ``.<name>.old-<pid>``) that a crashed
+    process left behind; one whose process is alive is another run's work in progress and stays. Returns
+    what was removed."""
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = leftover.name[len(path.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def stage_output(cfg, stage: str) -> Path:
     """The folder a stage writes: ``<paths.out>/<stage>``, where ``paths.out`` null means ``paths.data`` (the
     DVC outputs); a Hydra multirun job sets it to its own folder."""
@@ -51,6 +84,7 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

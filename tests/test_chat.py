@@ -43,6 +43,30 @@ def test_skip_mode_counts_bad_rows(tmp_path):
     assert len(rows) == 1 and sum(skipped.values()) == 2
 
 
+def test_a_byte_order_mark_is_accepted_and_bytes_that_are_not_utf8_are_a_bad_row(tmp_path):
+    bom = tmp_path / "export.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert len(load_files([str(bom)], "auto", "error")[0]) == 1
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"prompt": "café", "response": "x"}'.encode("latin-1") + b"\n")
+    with pytest.raises(InputError, match=r"latin1.jsonl:2: not valid UTF-8 at byte 16$"):
+        load_files([str(latin)], "auto", "error")
+    rows, skipped = load_files([str(latin)], "auto", "skip")
+    assert len(rows) == 1 and skipped == {"not valid UTF-8": 1}
+
+
+def test_deep_nesting_is_a_bad_row_and_skip_reasons_keep_different_errors_apart(tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(GOOD), "[" * 100_000 + "]" * 100_000,
+                                                 '{"prompt": 1, "response": "x"}', '{"prompt": "x", "response": 2}',
+                                                 '{"prompt": "x", "response": 3}', "{oops", "{also: bad"])
+    with pytest.raises(InputError, match="data.jsonl:2: JSON nested too deeply"):
+        load_files([str(path)], "auto", "error")
+    rows, skipped = load_files([str(path)], "auto", "skip")
+    assert len(rows) == 1
+    assert skipped == {"JSON nested too deeply": 1, "field 'prompt' must be a string": 1,
+                       "field 'response' must be a string": 2, "not valid JSON": 2}
+
+
 def test_empty_file_and_missing_file_are_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
