@@ -92,7 +92,13 @@ def load_tokenizer(path: str | Path, model_cfg: DictConfig | None = None):
 
     kwargs = _load_kwargs(model_cfg)
     kwargs.pop("use_safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # an empty or non-model folder, a broken file
+        raise ModelError(f"{path}: no usable tokenizer there ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise ModelError(f"{path}: no usable tokenizer there")
     # A stage that reads a tokenizer the chain saved does not declare model.chat_template: that one carries it.
     if model_cfg is not None and "chat_template" in model_cfg and model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template

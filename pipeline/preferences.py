@@ -31,6 +31,8 @@ def read_pairs(path: str | Path) -> list[dict]:
         for field in ("chosen", "rejected"):
             if not isinstance(row.get(field), str):
                 raise InputError(f"{where}: field '{field}' is missing or not a string")
+        if row["chosen"].strip() == row["rejected"].strip():
+            raise InputError(f"{where}: fields 'chosen' and 'rejected' are the same response: no preference to learn")
         if "messages" in row:
             messages = row["messages"]
             if not isinstance(messages, list) or not messages or not all(

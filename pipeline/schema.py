@@ -47,6 +47,11 @@ def bounded(lo: float | None = None, hi: float | None = None, default: Any = MIS
     return field(default=default, metadata={"min": lo, "max": hi})
 
 
+def positive(hi: float | None = None, default: Any = MISSING) -> Any:
+    """A numeric field in (0, hi]: a rate or size where 0 makes no sense (nothing would train or move)."""
+    return field(default=default, metadata={"min": 0.0, "max": hi, "exclusive_min": True})
+
+
 @dataclass
 class ArchConfig:
     type: str = choice("llama", "gpt2")
@@ -125,7 +130,7 @@ class TrainingStageConfig:
 
     max_steps: int = bounded(1)
     batch_size: int = bounded(1)
-    lr: float = bounded(0.0, 1.0)
+    lr: float = positive(1.0)
     warmup_steps: int = bounded(0)
     weight_decay: float = bounded(0.0, 1.0)
     val_every_n_steps: int = bounded(1)
@@ -160,8 +165,8 @@ class EvaluateStageConfig:
     max_new_tokens: int = bounded(1)
     batch_size: int = bounded(1)
     do_sample: bool = False
-    temperature: float = bounded(0.0)
-    top_p: float = bounded(0.0, 1.0)
+    temperature: float = positive()
+    top_p: float = positive(1.0)
     sampled_accuracy: bool = True
     lm_eval_tasks: List[str] = field(default_factory=list)
     lm_eval_limit: Optional[int] = bounded(1, default=None)
@@ -215,11 +220,11 @@ class OnlineStageConfig:
     top_p: float = bounded(0.01, 1.0)
     epochs: int = bounded(1)
     minibatch_size: int = bounded(1)
-    lr: float = bounded(0.0, 1.0)
+    lr: float = positive(1.0)
     warmup_steps: int = bounded(0)
     weight_decay: float = bounded(0.0, 1.0)
     max_grad_norm: float = bounded(0.0)
-    clip: float = bounded(0.0, 1.0)
+    clip: float = positive(1.0)
     missing_eos_penalty: float = bounded(0.0)
     val_share: float = bounded(0.01, 0.9)
     max_prompt_tokens: int = bounded(4)
@@ -229,7 +234,7 @@ class OnlineStageConfig:
 
 @dataclass
 class PpoStageConfig(OnlineStageConfig):
-    value_clip: float = bounded(0.0)
+    value_clip: float = positive()
     vf_coef: float = bounded(0.0)
     entropy_coef: float = bounded(0.0)
     gamma: float = bounded(0.0, 1.0)
@@ -359,6 +364,8 @@ def _check_fields(node: DictConfig, schema: type, prefix: str) -> None:
         if allowed is not None and value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r} is not allowed; valid values: {list(allowed)}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if f.metadata.get("exclusive_min") and value <= lo:
+            raise ConfigError(f"config key '{key}' = {value!r} must be > {lo}" + (f" and <= {hi}" if hi is not None else ""))
         if lo is not None and value < lo or hi is not None and value > hi:
             bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             raise ConfigError(f"config key '{key}' = {value!r} is out of range {bounds}")

@@ -185,7 +185,9 @@ def describe_real_model(ctx: Context) -> dict:
 
     cfg, run, tmp = ctx.cfg, ctx.run, ctx.output
     name = cfg.model.name_or_path
-    local = Path(name)
+    local = Path(name).expanduser()
+    if not local.is_dir() and looks_local(name):
+        raise ModelError(f"model.name_or_path = {name!r}: no such folder")
     files_dir = local if local.is_dir() else _hub_snapshot(name, cfg)
     tokenizer = load_tokenizer(files_dir, cfg.model)
     check_chat_template(tokenizer, name)
@@ -293,6 +295,13 @@ def _hub_snapshot(name: str, cfg: DictConfig, patterns: list[str] | None = None)
         hint = " (offline=true: set offline=false to download)" if cfg.offline else ""
         raise ModelError(f"model.name_or_path = {name!r}: not a local folder and not available from the hub{hint}: "
                          f"{str(err).splitlines()[0]}") from None
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` means a local folder rather than a hub id (``org/model``): an absolute, home or
+    explicitly relative path, or one whose parent folder exists here."""
+    parent = Path(name).expanduser().parent
+    return name.startswith(("/", "./", "../", "~")) or (str(parent) != "." and parent.is_dir())
 
 
 def digest_files(files: list[Path]) -> str:

@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pipeline.adapters import load_trained
-from pipeline.chat import prompt_of, read_prompts
+from pipeline.chat import InputError, prompt_of, read_prompts
 from pipeline.generation import generate
 from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
 from pipeline.models import LOAD_KEYS, load_tokenizer, render_ids
@@ -217,6 +217,10 @@ def run(ctx: Context) -> dict:
     scores = judge.score([c["row"] for c in collected], [[s["text"] for s in c["samples"]] for c in collected])
     judge_seconds = time.perf_counter() - start
     pairs, stats = build_pairs(collected, scores, judge, cfg, ctx.run.inputs["sft"].get("run_id"))
+    if not pairs and cfg.judge.name == "human":  # stop here, not in reward or dpo, far from the cause
+        raise InputError(f"{cfg.judge.labels_file}: none of its {judge.stats.get('labels', 0)} labels matches a "
+                         f"sampled pair ({judge.stats.get('unmatched_pairs', 0)} unmatched): were they made from "
+                         "another collect run (seed, sampling settings, SFT model)?")
     stats.update({"collect/tokens_per_second": tokens_per_second, "collect/sampling_seconds": sampling_seconds,
                   "collect/judge_seconds": judge_seconds})
     # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.

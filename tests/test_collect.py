@@ -317,6 +317,16 @@ def test_human_judge_imports_exactly_the_labelled_pairs(collected, tmp_path, mon
     assert stats["judge/labels"] == 3 and stats["judge/unmatched_pairs"] == 0
 
 
+def test_human_labels_that_match_no_sample_stop_collect_with_the_reason(collected, tmp_path, monkeypatch):
+    workdir, _ = collected
+    monkeypatch.chdir(copy_chain(workdir, tmp_path / "stale_labels"))
+    Path("data/labels").mkdir(parents=True, exist_ok=True)
+    Path("data/labels/human.jsonl").write_text(json.dumps(label("no-such-prompt", "x", "y", "a")) + "\n")
+    with pytest.raises(InputError, match=r"human.jsonl: none of its 1 labels matches a sampled pair \(1 unmatched\)"):
+        run_stage("collect", "judge=human")
+    assert not Path("data/collect/pairs.jsonl").read_text() == ""  # the previous output stands
+
+
 def test_bad_judge_settings_name_the_key_and_the_choices(sft_chain):
     with pytest.raises(ConfigError, match=r"judge.name.*valid values: \['verifier', 'function', 'llm', 'human'\]"):
         compose("judge.name=oracle")

@@ -42,7 +42,10 @@ def test_committed_params_yaml_equals_composition_of_conf():
 
 @pytest.mark.parametrize(("override", "message"), [
     ("data.on_bad_row=sometimes", "config key 'data.on_bad_row' = 'sometimes' is not allowed; valid values: ['error', 'skip']"),
-    ("base.lr=-0.1", "config key 'base.lr' = -0.1 is out of range"),
+    ("base.lr=-0.1", "config key 'base.lr' = -0.1 must be > 0.0 and <= 1.0"),
+    ("sft.lr=0", "config key 'sft.lr' = 0.0 must be > 0.0"),       # nothing would train
+    ("grpo.clip=0", "config key 'grpo.clip' = 0.0 must be > 0.0"),   # no update could move the policy
+    ("dpo.max_steps=0", "config key 'dpo.max_steps' = 0 is out of range [1, inf]"),
     ("model.arch.type=rnn", "config key 'model.arch.type' = 'rnn' is not allowed; valid values: ['llama', 'gpt2']"),
     ("model.arch.num_heads=5", "config key 'model.arch.hidden_size' = 128 must be divisible by model.arch.num_heads = 5"),
     ("data.max_tokens=100000", "config key 'data.max_tokens' = 100000 exceeds model.arch.max_position"),

