@@ -151,6 +151,12 @@ def split_files(rows: list[dict], data: DictConfig) -> dict[str, list[dict]]:
     return splits
 
 
+def _reasons(dropped: Counter, max_tokens: int) -> str:
+    words = {"duplicate": "duplicates of earlier rows", "too_long": f"longer than data.max_tokens = {max_tokens} tokens",
+             "empty_response": "with an empty response"}
+    return ", ".join(f"{n} {words.get(k, k)}" for k, n in sorted(dropped.items()))
+
+
 class PrepareData(L.LightningDataModule):
     """Raw instructions -> clean, deduplicated, length-filtered, tokenized splits (see module docstring)."""
 
@@ -163,6 +169,18 @@ class PrepareData(L.LightningDataModule):
         self.encoded: dict[str, list[tuple[list[int], list[int]]]] = {}
         self.dropped: dict[str, Counter] = {name: Counter() for name in SPLITS}
         self.skipped_bad_rows: Counter = Counter()
+
+    def _empty_split(self, name: str) -> str:
+        """Why split ``name`` ended empty, in words: it got no rows, or every row it got was dropped (and why)."""
+        data = self.cfg.data
+        got = len(self.raw[name])
+        if not got:
+            total = sum(len(rows) for rows in self.raw.values())
+            return (f"split '{name}' got no rows: {total} row(s) in all, and a hash of each prompt sends a "
+                    f"data.holdout_share = {data.holdout_share} of them to val, test and prompts (in that order) and "
+                    "the rest to train; add rows, or change data.holdout_share or data.split")
+        return (f"split '{name}' is empty: all {got} row(s) it got were dropped: "
+                f"{_reasons(self.dropped[name], data.max_tokens)}")
 
     def prepare_data(self) -> None:
         data = self.cfg.data
@@ -194,8 +212,7 @@ class PrepareData(L.LightningDataModule):
                 kept.append({"id": rid, **row, "num_tokens": len(ids)})
                 encoded.append((ids, labels))
             if not kept:
-                raise InputError(f"split '{name}' is empty after filtering (dropped: {dict(self.dropped[name])}); "
-                                 "check data.max_tokens and data.split")
+                raise InputError(self._empty_split(name))
             self.splits[name], self.encoded[name] = kept, encoded
 
     def card(self) -> dict:

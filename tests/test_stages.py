@@ -120,6 +120,22 @@ def test_user_files_with_a_bad_row_fail_or_skip(smoke_chain, in_tmp):
     assert metrics["data/train_rows"] + 60 == 299
 
 
+def test_an_empty_split_says_why(smoke_chain, in_tmp):
+    """A split whose rows were all dropped and a split that got no rows give their reasons, never '{}'."""
+    import shutil
+
+    from pipeline.chat import InputError
+
+    shutil.copytree(smoke_chain / "data" / "base", in_tmp / "data" / "base")
+    (in_tmp / "long.jsonl").write_text(json.dumps({"prompt": "Say it " * 100, "response": "it"}) + "\n")
+    with pytest.raises(InputError, match=r"split 'train' is empty: all 1 row\(s\) it got were dropped: 1 longer "
+                                         r"than data.max_tokens = 256 tokens"):
+        run_stage("prepare", "data=files", "data.paths=[long.jsonl]")
+    (in_tmp / "one.jsonl").write_text(json.dumps({"prompt": "Say it.", "response": "it"}) + "\n")
+    with pytest.raises(InputError, match=r"split 'train' got no rows: 1 row\(s\) in all.*data.holdout_share = 0.3"):
+        run_stage("prepare", "data=files", "data.paths=[one.jsonl]")
+
+
 def test_a_crash_leaves_no_half_written_output(smoke_chain, in_tmp, monkeypatch):
     import shutil
 
