@@ -69,7 +69,17 @@ def load_params(path: str, overrides: list[str]) -> DictConfig:
     """Load a composed snapshot and apply ``key=value`` overrides (YAML-typed; unknown keys are errors)."""
     if not Path(path).exists():
         raise ConfigError(f"{path}: not found; write it with `python -m pipeline.compose`")
-    cfg = OmegaConf.load(path)
+    import yaml
+
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or type(err).__name__}); "
+                          "rewrite it with `python -m pipeline.compose`") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: must hold a mapping of config keys; rewrite it with `python -m pipeline.compose`")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
@@ -130,14 +140,26 @@ def objective(cfg: DictConfig, metrics) -> float | None:
 
 
 def _hydra_main():
+    """Hydra's door. Hydra reports a bad override itself (an unknown key, an unknown group option with the
+    valid ones) and exits 1; that is a configuration error, exit 2 like the ``--params`` door's, while an
+    unexpected error inside a stage stays 1."""
     import hydra
+
+    composed = False
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
     def hydra_entry(cfg: DictConfig):
+        nonlocal composed
+        composed = True
         metrics = run_reporting(sweep_job_paths(cfg))
         return objective(cfg, metrics)
 
-    hydra_entry()
+    try:
+        hydra_entry()
+    except SystemExit as err:
+        if err.code == 1 and not composed:
+            sys.exit(2)
+        raise
 
 
 def main() -> None:

@@ -84,6 +84,27 @@ def test_params_door_rejects_unknown_keys(tmp_path):
     assert "config key 'base.lrr' does not exist in params.yaml" in proc.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["stage=sft", "sft.lrr=1"], "sft.lrr"),                                   # an unknown key
+    (["stage=sft", "judge=humn"], "Available options in 'judge'"),             # an unknown group option
+])
+def test_hydra_door_exits_2_on_a_bad_override_with_what_is_valid(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env())
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("seed: 1\nsft: [unclosed\n", "params.yaml:3: not valid YAML"),
+    ("- just\n- a list\n", "params.yaml: must hold a mapping of config keys"),
+])
+def test_params_door_names_a_malformed_params_yaml(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=base"],
+                          cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_params_door_types_overrides_like_yaml(tmp_path):
     from pipeline.run import load_params
 
