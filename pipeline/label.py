@@ -94,8 +94,11 @@ class LabelStore:
                 if line.strip():
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, RecursionError):
                         raise ValueError(f"{self.path}:{number}: not valid JSON; fix or remove the line") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{self.path}:{number}: a label must be a JSON object, got "
+                                         f"{type(row).__name__}; fix or remove the line")
                     if "pair_id" in row and "annotator" in row:
                         self.done.setdefault(row["annotator"], set()).add(row["pair_id"])
 
@@ -137,10 +140,30 @@ class LabelStore:
         return self.state(row["annotator"])
 
 
+MAX_BODY = 100_000  # bytes of one POST: a label with a 500-character reason is well under 2 KB
+
+
 def make_handler(store: LabelStore):
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a connection may stall (a client that announces more body than it sends)
+
         def log_message(self, fmt, *args):  # quiet: one line per request is noise here
             pass
+
+        def _foreign(self) -> str | None:
+            """Why this request is not from the page this server serves, or None. Host must name this server
+            (a page of another site reaching 127.0.0.1 through DNS rebinding sends its own name); Origin, when a
+            browser sends one, must be this server's own."""
+            port = self.server.server_address[1]
+            bound = self.server.server_address[0]
+            names = {f"127.0.0.1:{port}", f"localhost:{port}", f"{bound}:{port}", f"[::1]:{port}"}
+            host = self.headers.get("Host", "")
+            if host not in names:
+                return f"Host {host!r} is not this server"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.removeprefix("http://") not in names:
+                return f"Origin {origin!r} is not this server"
+            return None
 
         def _send(self, status: int, body: bytes, kind: str) -> None:
             self.send_response(status)
@@ -154,6 +177,9 @@ def make_handler(store: LabelStore):
             self._send(status, json.dumps(obj).encode(), "application/json")
 
         def do_GET(self):
+            foreign = self._foreign()
+            if foreign:
+                return self._json(403, {"error": foreign})
             url = urlparse(self.path)
             if url.path == "/":
                 return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
@@ -165,17 +191,36 @@ def make_handler(store: LabelStore):
             return self._json(404, {"error": f"no such page: {url.path}"})
 
         def do_POST(self):
+            foreign = self._foreign()
+            if foreign:  # a cross-site form or fetch: refused before anything is read
+                self.close_connection = True
+                return self._json(403, {"error": foreign})
             if urlparse(self.path).path != "/api/label":
+                self.close_connection = True
                 return self._json(404, {"error": "no such endpoint"})
+            if self.headers.get_content_type() != "application/json":  # no cross-site "simple" POST
+                self.close_connection = True
+                return self._json(415, {"error": "Content-Type: application/json is needed"})
             try:
-                length = int(self.headers.get("Content-Length", "0"))
-                body = json.loads(self.rfile.read(min(length, 100_000)) or b"{}")
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                return self._json(411, {"error": "Content-Length: a byte count is needed"})
+            if not 0 < length <= MAX_BODY:
+                self.close_connection = True
+                return self._json(413, {"error": f"Content-Length: {length} is not within 1..{MAX_BODY} bytes"})
+            try:
+                body = json.loads(self.rfile.read(length))
                 if not isinstance(body, dict):
                     raise ValueError("body: a JSON object is needed")
                 state = store.add(body.get("pair_id"), body.get("choice"), body.get("annotator", ""),
                                   body.get("reason", "") or "")
-            except (ValueError, json.JSONDecodeError) as err:
-                return self._json(400, {"error": str(err)})
+            except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                message = "body: JSON nested too deeply" if isinstance(err, RecursionError) else str(err)
+                return self._json(400, {"error": message})
+            except TimeoutError:
+                self.close_connection = True
+                return None
             return self._json(200, state)
 
     return Handler

@@ -83,6 +83,82 @@ def test_concurrent_posts_append_whole_lines_and_each_accepted_request_exactly_o
     assert sorted(map(key, written)) == sorted(map(key, accepted))   # each accepted request exactly once
 
 
+def raw_request(port: int, method: str, body: bytes = b"", headers: dict | None = None,
+                timeout: float = 5) -> tuple[int, dict]:
+    """One request with exactly these headers (http.client adds only what is not given)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, "/api/label" if method == "POST" else "/api/state?annotator=ana",
+                        skip_host="Host" in (headers or {}), skip_accept_encoding=True)
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+@pytest.fixture()
+def label_server(tmp_path):
+    import threading
+
+    from pipeline.label import serve
+
+    server = serve(write_samples(tmp_path / "samples.jsonl"), tmp_path / "labels.jsonl", port=0)
+    server.RequestHandlerClass.timeout = 1  # a stalled client is dropped after 1 s here (10 s by default)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_cross_site_and_rebinding_requests_are_refused_and_write_nothing(label_server, tmp_path):
+    port = label_server.server_address[1]
+    good = json.dumps({"pair_id": label_server.store.pairs[0].pair_id, "choice": "a", "annotator": "ana"}).encode()
+    own = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Content-Length": str(len(good))}
+    for headers, status in [({**own, "Origin": "http://evil.example"}, 403),          # a page of another site
+                            ({**own, "Host": f"evil.example:{port}"}, 403),            # DNS rebinding
+                            ({**own, "Content-Type": "text/plain"}, 415)]:             # a cross-site simple POST
+        assert raw_request(port, "POST", good, headers)[0] == status
+    assert raw_request(port, "GET", headers={"Host": f"rebound.example:{port}"})[0] == 403
+    assert not (tmp_path / "labels.jsonl").exists()
+    assert raw_request(port, "POST", good, {**own, "Origin": f"http://localhost:{port}"})[0] == 200  # the page itself
+    assert len((tmp_path / "labels.jsonl").read_text().splitlines()) == 1
+
+
+def test_bodies_are_bounded_and_every_bad_request_is_answered(label_server, tmp_path):
+    import time as clock
+
+    port = label_server.server_address[1]
+    own = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json"}
+    assert raw_request(port, "POST", b"{}", {**own, "Content-Length": "-5"})[0] == 413
+    assert raw_request(port, "POST", b"{}", {**own, "Content-Length": str(10**9)})[0] == 413
+    assert raw_request(port, "POST", b"", own)[0] == 411
+    deep = b"[" * 45_000 + b"]" * 45_000  # nested past Python's recursion limit
+    status, body = raw_request(port, "POST", deep, {**own, "Content-Length": str(len(deep))})
+    assert status == 400 and "nested too deeply" in body["error"]
+    start = clock.perf_counter()  # announces 1000 bytes, sends 10: dropped after the handler's timeout, no hang
+    try:
+        raw_request(port, "POST", b'{"a": 1}  ', {**own, "Content-Length": "1000"}, timeout=5)
+    except Exception:  # the server closes the connection without an answer: the client sees it closed
+        pass
+    assert clock.perf_counter() - start < 4
+    assert raw_request(port, "GET", headers={"Host": f"127.0.0.1:{port}"})[0] == 200  # still serving
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "17", "{not json"])
+def test_a_corrupt_label_line_is_named_at_start_up_and_the_file_is_left_alone(tmp_path, line):
+    labels = tmp_path / "labels.jsonl"
+    text = json.dumps({"pair_id": "x", "annotator": "ana"}) + "\n" + line + "\n"
+    labels.write_text(text)
+    with pytest.raises(ValueError, match=r"labels.jsonl:2: "):
+        LabelStore(labels, load_pairs(write_samples(tmp_path / "samples.jsonl")))
+    assert labels.read_text() == text
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
