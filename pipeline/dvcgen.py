@@ -90,13 +90,13 @@ def rel(path: Path) -> str:
 
 def stage_yaml(stage: Stage, cfg: DictConfig) -> list[str]:
     """The lines of one stage's entry."""
-    data, metrics, plots = cfg.paths.data, cfg.paths.metrics, cfg.paths.plots
+    data, metrics, plots, timings = cfg.paths.data, cfg.paths.metrics, cfg.paths.plots, cfg.paths.timings
     lines = [f"  {stage.name}:", f"    cmd: python -m pipeline.run --params params.yaml stage={stage.name}", "    deps:"]
     lines += [f"      - {path}" for path in code_deps(stage)]
     for spec in stage.inputs:
         lines.append(f"      - {data}/{spec.path}" + (f"  # {spec.note}" if spec.note else ""))
     lines += ["    params:", *(f"      - {key}" for key in stage.dvc_params(cfg))]
-    lines += ["    outs:", f"      - {data}/{stage.name}",
+    lines += ["    outs:", f"      - {data}/{stage.name}", f"      - {timings}/{stage.name}.json:", "          cache: false",
               "    metrics:", f"      - {metrics}/{stage.name}.json:", "          cache: false"]
     if stage.plots:
         lines.append("    plots:")

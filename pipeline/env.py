@@ -12,6 +12,21 @@ from __future__ import annotations
 
 import os
 
+
+def die_with_parent(sig: int | None = None) -> None:
+    """Ask Linux to send this process ``sig`` (SIGTERM) when its parent dies (``prctl(PR_SET_PDEATHSIG)``): a
+    stage whose ``dvc repro`` was killed, or a ``dvc`` whose wrapper was, stops instead of running on as an
+    orphan. A no-op where prctl does not exist."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig or signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 TELEMETRY_OFF = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",

@@ -16,9 +16,48 @@ import os
 import socket
 from pathlib import Path
 
+OWNER_TAG = "posttrain.owner"  # host:pid:start time of the process whose death means the run is dead
 PARENT_ENV = "POSTTRAIN_PARENT_RUN_ID"
 EXECUTION_ENV = "POSTTRAIN_EXECUTION"
 EXECUTION_TAG = "posttrain.execution"
+
+
+def process_identity(pid: int | None = None) -> str | None:
+    """``host:pid:start`` of a live process (its start time from /proc tells a reused pid apart), or None
+    when there is no such process (Linux)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has exited
+        return None
+    return f"{socket.gethostname()}:{pid}:{fields[19]}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process an ``OWNER_TAG`` names still runs (a process of another host counts as alive:
+    this host cannot tell)."""
+    host, _, rest = owner.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    return process_identity(int(pid)) == owner
+
+
+def mark_dead_runs(client, experiment_id: str, by: str) -> list[str]:
+    """Runs left RUNNING by processes that died (SIGKILL, OOM, a pulled plug): marked KILLED, with a tag saying
+    who found them. Returns their ids."""
+    found = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    dead = []
+    for run in found:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner and not owner_alive(owner):
+            client.set_tag(run.info.run_id, "posttrain.ended", f"its process ({owner}) died; marked KILLED by {by}")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            dead.append(run.info.run_id)
+    return dead
 
 
 def dvc_execution_key() -> str | None:
@@ -55,7 +94,10 @@ def parent_run(client, experiment_id: str) -> str | None:
 
     commit, dirty = git_state()
     name = "dvc-repro" if key.startswith("dvc:") else "pipeline"
+    owner = {}
+    if key.startswith("dvc:"):  # the dvc process owns the parent: when it dies, so has the execution
+        owner = {OWNER_TAG: key.removeprefix("dvc:")}
     run = client.create_run(experiment_id, run_name=name, tags={
-        EXECUTION_TAG: key, "mlflow.source.git.commit": commit, "git.dirty": str(dirty), "posttrain.kind": "pipeline",
+        **owner, EXECUTION_TAG: key, "mlflow.source.git.commit": commit, "git.dirty": str(dirty), "posttrain.kind": "pipeline",
     })
     return run.info.run_id

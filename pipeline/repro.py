@@ -17,7 +17,8 @@ import subprocess
 import sys
 
 import pipeline  # noqa: F401  (telemetry off)
-from pipeline.parents import PARENT_ENV
+from pipeline.env import die_with_parent
+from pipeline.parents import OWNER_TAG, PARENT_ENV, mark_dead_runs, process_identity
 from pipeline.runs import git_state, log_dvc_lock, tracking_uri
 
 
@@ -31,11 +32,14 @@ def main() -> None:
     from pipeline.runs import find_experiment
 
     commit, dirty = git_state()
-    parent = client.create_run(find_experiment(client, cfg), run_name="dvc-repro", tags={
+    experiment = find_experiment(client, cfg)
+    mark_dead_runs(client, experiment, by="python -m pipeline.repro starting")
+    parent = client.create_run(experiment, run_name="dvc-repro", tags={
         "posttrain.kind": "pipeline", "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
-        "posttrain.command": " ".join(["dvc", "repro", *sys.argv[1:]])}).info.run_id
+        OWNER_TAG: process_identity(), "posttrain.command": " ".join(["dvc", "repro", *sys.argv[1:]])}).info.run_id
     env = {**os.environ, PARENT_ENV: parent}
-    code = subprocess.call(["dvc", "repro", *sys.argv[1:]], env=env)
+    # dvc dies with this wrapper (SIGTERM when it is killed, even by SIGKILL), and its stages die with dvc.
+    code = subprocess.call(["dvc", "repro", *sys.argv[1:]], env=env, preexec_fn=die_with_parent)
     log_dvc_lock(client, parent)
     metrics = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True)
     if metrics.returncode == 0 and metrics.stdout.strip():

@@ -125,6 +125,7 @@ def sweep_job_paths(cfg: DictConfig) -> DictConfig:
         return cfg
     job_dir = HydraConfig.get().runtime.output_dir
     return OmegaConf.merge(cfg, {"paths": {"out": job_dir, "metrics": f"{job_dir}/metrics", "plots": f"{job_dir}/plots",
+                                           "timings": f"{job_dir}/timings",
                                            "checkpoints": f"{job_dir}/checkpoints"}})
 
 
@@ -164,6 +165,10 @@ def _hydra_main():
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get("DVC_ROOT"):  # a stage of `dvc repro`: it stops when dvc is killed, not runs on orphaned
+        from pipeline.env import die_with_parent
+
+        die_with_parent()
     args = sys.argv[1:]
     if args[:1] == ["--params"]:
         if len(args) < 2:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.outputs import RUN_JSON, digest, read_json, write_json
-from pipeline.parents import PARENT_ENV, parent_run
+from pipeline.parents import OWNER_TAG, PARENT_ENV, mark_dead_runs, parent_run, process_identity
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "trl", "hydra-core", "mlflow", "dvc", "posttrain")
 
@@ -70,15 +70,42 @@ def git_state(cwd: str | Path = ".") -> tuple[str, bool]:
     return commit.stdout.strip(), bool(status.stdout.strip())
 
 
+# CPU instruction sets that pick different kernel paths in torch (and so can move the last digits of a result).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """Which of :data:`CPU_FLAGS` this CPU has (Linux), e.g. ``avx2 fma avx512f``; ``unknown`` elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return " ".join(f for f in CPU_FLAGS if f in have) or "none of " + " ".join(CPU_FLAGS)
+
+
 def environment() -> dict[str, str]:
-    """Package versions and platform, for reproducibility records."""
-    info = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine()}
+    """Package versions, platform and CPU instruction sets, for reproducibility records."""
+    info = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_flags": cpu_flags(), "torch_cpu_capability": _torch_cpu_capability()}
     for name in PACKAGES:
         try:
             info[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             info[name] = "absent"
     return info
+
+
+def _torch_cpu_capability() -> str:
+    """The SIMD level torch dispatches its CPU kernels to (``AVX2``, ``AVX512``...)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return torch.backends.cpu.get_cpu_capability() if torch is not None else "torch not loaded"
+    except AttributeError:
+        return "unknown"
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -222,7 +249,9 @@ def find_experiment(client, cfg: DictConfig) -> str:
 
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
-    """Open the MLflow run of one stage execution; close it FINISHED, or FAILED on error."""
+    """Open the MLflow run of one stage execution; close it FINISHED once the stage wrote its outputs, or FAILED
+    on error. A process killed outright (SIGKILL, OOM) cannot close its run: the next execution finds it RUNNING
+    with a dead owner process and marks it KILLED (:func:`pipeline.parents.mark_dead_runs`)."""
     import resource
     import time
 
@@ -235,10 +264,11 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     client = MlflowClient(tracking_uri=uri)
     experiment_id = find_experiment(client, cfg)
+    mark_dead_runs(client, experiment_id, by=f"a {stage} run starting")
     parent = parent_run(client, experiment_id)
     commit, dirty = git_state()
     tags = {"posttrain.stage": stage, "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
-            "mlflow.source.name": "pipeline.run", "posttrain.kind": "stage"}
+            "mlflow.source.name": "pipeline.run", "posttrain.kind": "stage", OWNER_TAG: process_identity()}
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=stage, tags=tags)

@@ -288,6 +288,7 @@ class PathsConfig:
     data: str = MISSING
     out: Optional[str] = None
     metrics: str = MISSING
+    timings: str = MISSING
     plots: str = MISSING
     checkpoints: str = MISSING
 

@@ -201,6 +201,26 @@ def resolve_path(cfg: DictConfig, path: str) -> Path:
     return Path(cfg.paths.data) / resolved
 
 
+# Metric names that measure the machine, not the model: wall time, throughput, latency.
+TIMING = re.compile(r"(^|/)(speed/.*|[^/]*seconds[^/]*|[^/]*_ms|[^/]*per_second)$")
+
+
+def split_timings(metrics: dict) -> tuple[dict, dict]:
+    """(the model's metrics, the machine's timings) of a metrics dict, nested ones (``variant -> metrics``)
+    split per entry: the model's file reproduces byte for byte from the same seed; timings never do."""
+    model, timings = {}, {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            model[key], inner = split_timings(value)
+            if inner:
+                timings[key] = inner
+        elif TIMING.search(key):
+            timings[key] = value
+        else:
+            model[key] = value
+    return model, timings
+
+
 def seed_everything(cfg: DictConfig) -> None:
     """Seed every RNG and set the thread count and determinism of this process (:data:`RUNNER_PARAMS`)."""
     import lightning as L
@@ -247,7 +267,9 @@ def execute(stage: Stage, cfg: DictConfig) -> dict:
         for name, relative in ctx.datasets:
             run.add_output(name, out / relative, dataset=True)
         metrics_file = Path(cfg.paths.metrics) / f"{stage.name}.json"
-        write_json(metrics_file, metrics)
+        model, timings = split_timings(metrics)
+        write_json(metrics_file, model)
+        write_json(Path(cfg.paths.timings) / f"{stage.name}.json", timings)
         run.log_metrics(metrics)
         run.log_artifact(metrics_file)
     return metrics

@@ -24,7 +24,7 @@ class SweepParent(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.parents import PARENT_ENV
+        from pipeline.parents import OWNER_TAG, PARENT_ENV, process_identity
         from pipeline.runs import find_experiment, git_state, tracking_uri
 
         client = MlflowClient(tracking_uri=tracking_uri(config))
@@ -32,7 +32,8 @@ class SweepParent(Callback):
         overrides = " ".join(config.hydra.overrides.task)
         run = client.create_run(find_experiment(client, config), run_name="sweep", tags={
             "posttrain.kind": "sweep", "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
-            "sweep.overrides": overrides[:5000], "sweep.dir": str(config.hydra.sweep.dir)})
+            "sweep.overrides": overrides[:5000], "sweep.dir": str(config.hydra.sweep.dir),
+            OWNER_TAG: process_identity()})
         self.run_id = run.info.run_id
         os.environ[PARENT_ENV] = self.run_id
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 LAST_CKPT = "last.ckpt"
+ATTEMPT_JSON = "attempt.json"  # beside the checkpoints: the attempt's run id and its validation before training
 # Config keys of a stage that trains through build_trainer (it declares them in its contract, pipeline.stage).
 TRAINER_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision")
 # StepBatches defines __len__ for the progress bar; with num_workers=0 the length is exact.
@@ -194,8 +195,15 @@ def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_ever
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
+    class StageLogger(MLFlowLogger):
+        """Lightning's MLflow logger, except that it never ends the run: it would mark the stage FINISHED after
+        the validation before training. The stage's run ends when the stage does (``pipeline.runs.stage_run``)."""
+
+        def finalize(self, status: str = "success") -> None:
+            pass
+
     t = cfg.trainer
-    logger = MLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id, experiment_name=cfg.logger.experiment)
+    logger = StageLogger(tracking_uri=run.tracking_uri, run_id=run.run_id, experiment_name=cfg.logger.experiment)
     # Only last.ckpt is kept: resuming needs the newest state, not a history.
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_top_k=0,
                                   save_last=True, enable_version_counter=False)
@@ -246,19 +254,30 @@ def fit(ctx, module: L.LightningModule, datamodule: L.LightningDataModule, max_s
         checkpoint_every: int, accumulation: int = 1) -> Fit:
     """The training lifecycle every training stage shares: resume from the last checkpoint of this exact config
     and inputs if a previous attempt left one, else validate the untrained module; fit; validate again.
+
+    The validation before training and the MLflow run of the attempt are kept beside the checkpoints
+    (``attempt.json``), so a resumed stage reports the same ``*_before`` metrics as an uninterrupted one and its
+    run links to the run it resumed (tag ``posttrain.resumed_run``): one training across two processes.
     Saving the result atomically and clearing the checkpoints is the runner's job (:func:`pipeline.stage.execute`)."""
     import logging
     import time
 
+    from pipeline.outputs import read_json, write_json
+
     ckpt_dir = checkpoint_dir(ctx.cfg, ctx.name, list(ctx.digests.values()))
     trainer = build_trainer(ctx.cfg, ctx.run, ckpt_dir, max_steps, val_every, checkpoint_every, accumulation)
     resume = resume_path(ckpt_dir)
-    before = None
-    if resume:
+    attempt = ckpt_dir / ATTEMPT_JSON
+    if resume and attempt.exists():
+        earlier = read_json(attempt)
+        before = earlier["before"]
         logging.getLogger(f"stages.{ctx.name}").warning("%s: resuming from %s", ctx.name, resume)
         ctx.run.set_tag("resumed_from", resume)
+        ctx.run.set_tag("posttrain.resumed_run", earlier["run_id"])
     else:
-        before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        resume = None  # a checkpoint without its attempt record is not trusted: start over
+        before = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    write_json(attempt, {"run_id": ctx.run.run_id, "before": before})
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     seconds = time.time() - start

@@ -160,10 +160,6 @@ def pretrain(ctx: Context) -> dict:
     b = ctx.config
     result = fit(ctx, module, data, b.max_steps, b.val_every_n_steps, b.checkpoint_every_n_steps)
     metrics = result.metrics()
-    if result.before is None:  # resumed: the untrained figures from a fresh init with the same seed
-        fresh = BasePretraining(build_causal_lm(cfg.model.arch, tokenizer, cfg.seed), cfg)
-        untrained = result.trainer.validate(fresh, datamodule=data, verbose=False)[0]
-        metrics.update({f"{k}_before": round(v, 4) for k, v in untrained.items()})
     model.eval()
     model.save_pretrained(ctx.output, safe_serialization=True)
     tokenizer.save_pretrained(ctx.output)

@@ -169,7 +169,9 @@ def test_stage_trains_on_the_collected_pairs_and_saves_a_merged_model_and_adapte
     if overrides:
         monkeypatch.chdir(copy_chain(pairs_chain, tmp_path / "w"))
         metrics = run_stage("dpo", *overrides)
-        assert metrics == json.loads(Path("data/metrics/dpo.json").read_text())
+        from pipeline.stage import split_timings
+
+        assert split_timings(metrics)[0] == json.loads(Path("data/metrics/dpo.json").read_text())
     else:  # the default settings: the session's shared run (test_quantize quantizes the same model)
         monkeypatch.chdir(dpo_chain)
         metrics = json.loads(Path("data/metrics/dpo.json").read_text())

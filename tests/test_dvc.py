@@ -27,7 +27,7 @@ READERS = {
     "base": {"prepare", "sft", "evaluate"},
     "prepare": {"sft", "collect", "quantize", "evaluate"},  # ppo and grpo read only prepare's prompts.jsonl
     "sft": {"collect", "reward", "dpo", "ppo", "grpo", "evaluate"},
-    "collect": {"reward", "dpo"},
+    "collect": set(),  # reward and dpo read only its pairs.jsonl (below), not the folder
     "reward": {"ppo", "grpo", "evaluate"},
     "dpo": {"quantize", "evaluate"},
     "ppo": {"evaluate"},
@@ -103,7 +103,6 @@ OWN = {
     "quantize": ("stages/quantize.py", "quantize.latency_repeats", 3),
     "evaluate": ("stages/evaluate.py", "evaluate.few_shot", 1),
 }
-CODE_READERS = {"stages/evaluate.py": {"quantize", "evaluate"}}  # quantize measures through evaluate's test loop
 
 
 def test_every_stage_sees_its_own_code_and_parameters_and_nothing_else(project):
@@ -111,7 +110,7 @@ def test_every_stage_sees_its_own_code_and_parameters_and_nothing_else(project):
         original_code, original_params = (project / code).read_text(), (project / "params.yaml").read_text()
         assert get_param(project, key) != value, key
         (project / code).write_text(original_code + "\n# changed\n")
-        assert changed_stages(project) == CODE_READERS.get(code, {stage}), code
+        assert changed_stages(project) == {stage}, code  # no stage imports another (tests/test_contract.py)
         (project / code).write_text(original_code)
         set_param(project, key, value)
         assert changed_stages(project) == {stage}, key
@@ -129,11 +128,13 @@ def test_a_new_output_makes_exactly_its_readers_stale(project):
         assert changed_stages(project) == {stage} | readers, stage
         record.write_bytes(original)
         assert changed_stages(project) == set(), stage
-    prompts = project / "data" / "prepare" / "prompts.jsonl"  # ppo and grpo read only the prompts split
-    original = prompts.read_bytes()
-    prompts.write_bytes(original + b"\n")
-    assert changed_stages(project) == {"prepare"} | READERS["prepare"] | {"ppo", "grpo"}
-    prompts.write_bytes(original)
+    for stage, file, readers in (("prepare", "prompts.jsonl", READERS["prepare"] | {"ppo", "grpo"}),  # one split
+                                 ("collect", "pairs.jsonl", {"reward", "dpo"})):                     # one file
+        path = project / "data" / stage / file
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert changed_stages(project) == {stage} | readers, file
+        path.write_bytes(original)
 
 
 def test_shared_parameters_judges_and_labels_invalidate_what_reads_them(project):
@@ -144,9 +145,8 @@ def test_shared_parameters_judges_and_labels_invalidate_what_reads_them(project)
         (project / "params.yaml").write_text(original)
         return stale
 
-    lightning = {"base", "sft", "reward", "dpo", "ppo", "grpo", "quantize"}  # quantize calibrates through predict
     assert stale_after("seed", 7) == ALL
-    assert stale_after("trainer.num_threads", 1) == lightning
+    assert stale_after("trainer.num_threads", 1) == ALL  # the runner sets every stage's threads (pipeline.stage)
     assert stale_after("peft.options.r", 4) == {"sft", "reward", "dpo", "ppo", "grpo"}
     assert stale_after("data.verbose_share", 0.5) == {"prepare"}
     assert stale_after("model.arch.hidden_size", 32) == {"base"}
@@ -292,9 +292,19 @@ def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, sta
     killed = sh("dvc", "repro", stage, cwd=project, check=False, env=env)
     assert killed.returncode != 0 and not (project / "data" / stage).exists()
     assert list((project / ".cache" / "checkpoints" / stage).glob("*/last.ckpt"))
+    (killed_run,) = stage_runs(project, stage, after=run_json(project, "evaluate")["run_id"])
+    assert killed_run.info.status == "RUNNING"  # not FINISHED: it wrote nothing (and could not say so itself)
     resumed = sh("dvc", "repro", stage, cwd=project)
     assert ran(resumed.stdout) == {stage} and f"{stage}: resuming from" in resumed.stderr + resumed.stdout
     assert not (project / ".cache" / "checkpoints" / stage).exists()  # cleared after success
+    assert not list((project / "data").glob(f".{stage}.tmp-*"))      # no half-written folder left behind
+    store = mlflow_client(project)
+    killed_run = store.get_run(killed_run.info.run_id)
+    assert killed_run.info.status == "KILLED" and "died" in killed_run.data.tags["posttrain.ended"]
+    resumed_run = store.get_run(run_json(project, stage)["run_id"])
+    assert resumed_run.info.status == "FINISHED"
+    assert resumed_run.data.tags["posttrain.resumed_run"] == killed_run.info.run_id  # one training, two processes
+    assert not store.search_runs([resumed_run.info.experiment_id], "attributes.status = 'RUNNING'")
 
     # The uninterrupted reference: the same stage, same inputs, same config, run in one go.
     reference = tmp_path / "reference"
@@ -312,3 +322,75 @@ def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, sta
     theirs = json.loads((reference / "data" / "metrics" / f"{stage}.json").read_text())
     key = "val/loss" if "val/loss" in ours else "val/reward"
     assert ours[key] == pytest.approx(theirs[key], abs=1e-5)
+    assert set(ours) == set(theirs)  # a resumed stage reports what an uninterrupted one does, *_before included
+    before = [k for k in ours if k.endswith("_before")]
+    assert before and all(ours[k] == pytest.approx(theirs[k], abs=1e-6) for k in before)
+
+
+def mlflow_client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+
+
+def stage_runs(project: Path, stage: str, after: str) -> list:
+    """The runs of ``stage`` that started after run ``after``."""
+    client = mlflow_client(project)
+    start = client.get_run(after).info.start_time
+    experiment = client.get_experiment_by_name("posttrain").experiment_id
+    return [r for r in client.search_runs([experiment], f"tags.`posttrain.stage` = '{stage}'")
+            if r.info.start_time > start and r.data.tags.get("posttrain.kind") == "stage"]
+
+
+def test_killing_the_repro_wrapper_stops_dvc_and_its_stage_and_the_next_run_marks_it_killed(project):
+    """SIGKILL of ``python -m pipeline.repro`` mid-chain: dvc and the running stage stop with it (no orphan goes
+    on writing), and the next execution marks the runs the dead processes left RUNNING as KILLED."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    set_param(project, "sft.max_steps", 400)  # long enough to be caught mid-training
+    wrapper = subprocess.Popen([sys.executable, "-m", "pipeline.repro", "sft"], cwd=project, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def descendants(pid: int) -> set[int]:
+        found, todo = set(), [pid]
+        while todo:
+            parent = todo.pop()
+            for child in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = child.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == parent and int(child.parent.name) not in found:
+                    found.add(int(child.parent.name))
+                    todo.append(int(child.parent.name))
+        return found
+
+    def running_stage() -> bool:
+        return any(b"pipeline.run" in Path(f"/proc/{p}/cmdline").read_bytes() for p in descendants(wrapper.pid)
+                   if Path(f"/proc/{p}/cmdline").exists())
+
+    deadline = time.time() + 120
+    while not running_stage():
+        assert wrapper.poll() is None and time.time() < deadline, wrapper.stdout.read() if wrapper.poll() else "timeout"
+        time.sleep(0.5)
+    time.sleep(3)  # the stage is training
+    orphans = descendants(wrapper.pid)
+    os.kill(wrapper.pid, signal.SIGKILL)
+    wrapper.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]
+              for p in orphans):
+        assert time.time() < deadline, f"still running after the wrapper died: {orphans}"
+        time.sleep(0.5)
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("posttrain").experiment_id
+    left = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert left  # the wrapper's parent run and the stage's run: nobody could close them
+    sh("dvc", "status", cwd=project)
+    sh(sys.executable, "-m", "pipeline.repro", "prepare", cwd=project)  # any next execution cleans up
+    for run in left:
+        again = client.get_run(run.info.run_id)
+        assert again.info.status == "KILLED" and "died" in again.data.tags["posttrain.ended"]

@@ -78,3 +78,28 @@ def test_every_stage_run_records_what_it_cost_and_costs_prints_the_table(sft_cha
     assert float(rows["sft"]["throughput"].split()[0].replace(",", "")) > 0
     table = format_table(list(rows.values()))
     assert table.count("\n") == 5 and "| sft |" in table and "**all**" in table
+
+
+def test_runs_left_running_by_dead_processes_are_marked_killed_and_live_ones_are_not(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.parents import OWNER_TAG, mark_dead_runs, process_identity
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("posttrain", artifact_location=(tmp_path / "artifacts").as_uri())
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    owner_of_gone = process_identity(gone.pid)
+    gone.kill()
+    gone.wait()
+    dead = client.create_run(experiment, tags={OWNER_TAG: owner_of_gone}).info.run_id
+    alive = client.create_run(experiment, tags={OWNER_TAG: process_identity()}).info.run_id
+    reused = client.create_run(experiment, tags={OWNER_TAG: process_identity().rsplit(":", 1)[0] + ":1"}).info.run_id
+    unowned = client.create_run(experiment).info.run_id
+    assert sorted(mark_dead_runs(client, experiment, by="a test")) == sorted([dead, reused])  # a reused pid is dead
+    assert client.get_run(dead).info.status == "KILLED"
+    assert "marked KILLED by a test" in client.get_run(dead).data.tags["posttrain.ended"]
+    assert client.get_run(alive).info.status == client.get_run(unowned).info.status == "RUNNING"
+
