@@ -194,21 +194,19 @@ def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 def read_prompts(path: Path) -> list[dict]:
     """Prompt rows of the ``prompts`` split, each ending with the user's turn: a trailing gold answer moves to
     ``meta.gold`` (the verifier's), so what is sampled from is exactly the context before it."""
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no prompt file; run the prepare stage first")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            messages = row["messages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InputError(f"{path}:{number}: not a prompt row with 'messages' ({err})") from None
-        if messages and messages[-1]["role"] == "assistant":
+    for where, row in json_objects(path, "prompt rows", "run the prepare stage first"):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
+        if not isinstance(row.setdefault("meta", {}), dict):
+            raise InputError(f"{where}: field 'meta' must be an object")
+        if messages[-1]["role"] == "assistant":
             row.setdefault("meta", {})["gold"] = messages[-1]["content"]
             row["messages"] = messages[:-1]
         rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: the prompt file has no rows")
     return rows
