@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -62,8 +61,9 @@ def test_row_readers_answer_every_input_with_rows_or_a_named_error(tmp_path, see
 def test_the_label_server_answers_every_fuzzed_request_and_keeps_serving(tmp_path):
     import http.client
 
-    from pipeline.label import serve
     from test_label import write_samples
+
+    from pipeline.label import serve
 
     server = serve(write_samples(tmp_path / "samples.jsonl"), tmp_path / "labels.jsonl", port=0)
     server.RequestHandlerClass.timeout = 1
@@ -77,7 +77,7 @@ def test_the_label_server_answers_every_fuzzed_request_and_keeps_serving(tmp_pat
                                                                          "annotator": "ana", "reason": "r" * 501}).encode()]
     statuses = []
     try:
-        for i in range(60):
+        for _ in range(60):
             body = rng.choice(bodies)
             headers = {"Host": f"127.0.0.1:{port}", "Content-Type": rng.choice(["application/json", "text/plain",
                                                                                "application/json; charset=utf-8"])}
