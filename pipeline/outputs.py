@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 RUN_JSON = "run.json"
+# Fault injection for the crash tests: an optimizer step number (pipeline.training.KillAtStep) or "rename" (between
+# the two renames of atomic_dir, the worst moment for an output folder). Inert when unset.
+KILL_ENV = "POSTTRAIN_KILL_AT_STEP"
 
 
 @contextmanager
@@ -38,6 +41,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         path.rename(old)
+    if os.environ.get(KILL_ENV) == "rename":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -24,6 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipeline.outputs import KILL_ENV  # fault injection: an optimizer step here (KillAtStep), "rename" in outputs
+
 LAST_CKPT = "last.ckpt"
 ATTEMPT_JSON = "attempt.json"  # beside the checkpoints: the attempt's run id and its validation before training
 # Config keys of a stage that trains through build_trainer (it declares them in its contract, pipeline.stage).
@@ -168,7 +170,6 @@ def resume_path(ckpt_dir: Path) -> str | None:
     return str(last) if last.exists() else None
 
 
-KILL_ENV = "POSTTRAIN_KILL_AT_STEP"
 
 
 class KillAtStep(L.Callback):
@@ -208,7 +209,7 @@ def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_ever
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_top_k=0,
                                   save_last=True, enable_version_counter=False)
     callbacks: list[L.Callback] = [checkpoints]
-    if os.environ.get(KILL_ENV):
+    if os.environ.get(KILL_ENV, "").isdigit():
         callbacks.append(KillAtStep(int(os.environ[KILL_ENV])))
     return L.Trainer(
         accelerator=t.accelerator,

@@ -327,6 +327,25 @@ def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, sta
     assert before and all(ours[k] == pytest.approx(theirs[k], abs=1e-6) for k in before)
 
 
+def test_a_kill_between_the_output_renames_leaves_nothing_dvc_would_cache_and_the_rerun_cleans_up(project):
+    """The worst moment: the old output renamed away, the new one not yet in place. DVC sees no output, the rerun
+    removes both leftovers (their process is dead), finishes, and leaves no RUNNING run."""
+    set_param(project, "sft.max_steps", 12)
+    env = subprocess_env()
+    env[KILL_ENV] = "rename"
+    killed = sh("dvc", "repro", "sft", cwd=project, check=False, env=env)
+    assert killed.returncode != 0 and not (project / "data" / "sft").exists()
+    leftovers = sorted(p.name.split("-")[0] for p in (project / "data").glob(".sft.*-*"))
+    assert leftovers == [".sft.old", ".sft.tmp"]
+    sh("dvc", "repro", "sft", cwd=project)
+    assert (project / "data" / "sft" / "model.safetensors").exists()
+    assert not list((project / "data").glob(".sft.*-*"))
+    assert "sft" not in changed_stages(project)
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("posttrain").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+
 def mlflow_client(project: Path):
     from mlflow.tracking import MlflowClient
 
