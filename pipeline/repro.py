@@ -13,13 +13,51 @@ FAILED with DVC's exit code.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pipeline  # noqa: F401  (telemetry off)
-from pipeline.env import die_with_parent
 from pipeline.parents import OWNER_TAG, PARENT_ENV, mark_dead_runs, process_identity
 from pipeline.runs import git_state, log_dvc_lock, tracking_uri
+
+# A watchdog for the child's process group: when the wrapper is gone (even killed by SIGKILL, which runs no code
+# of ours), it interrupts the group as Ctrl-C would, then terminates and kills what is left.
+WATCHDOG = """
+import os, signal, sys, time
+group, parent = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.5)
+for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 0)):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    for _ in range(grace * 2):
+        time.sleep(0.5)
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+"""
+
+
+def run_stopping_with_me(cmd: list[str], env: dict) -> int:
+    """Run ``cmd`` in its own process group and wait for it; if this process dies first, the group (dvc and the
+    stage it runs) gets SIGINT, as from Ctrl-C, so dvc releases its repo lock (SIGTERM would leave every later
+    dvc command "busy") and the stage stops, instead of both running on as orphans. Ctrl-C here is forwarded."""
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(child.pid), str(os.getpid())],
+                                start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # Ctrl-C reaches only our session's group: pass it on, then wait
+                os.killpg(child.pid, signal.SIGINT)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def main() -> None:
@@ -38,8 +76,7 @@ def main() -> None:
         "posttrain.kind": "pipeline", "mlflow.source.git.commit": commit, "git.dirty": str(dirty),
         OWNER_TAG: process_identity(), "posttrain.command": " ".join(["dvc", "repro", *sys.argv[1:]])}).info.run_id
     env = {**os.environ, PARENT_ENV: parent}
-    # dvc dies with this wrapper (SIGTERM when it is killed, even by SIGKILL), and its stages die with dvc.
-    code = subprocess.call(["dvc", "repro", *sys.argv[1:]], env=env, preexec_fn=die_with_parent)
+    code = run_stopping_with_me(["dvc", "repro", *sys.argv[1:]], env)
     log_dvc_lock(client, parent)
     metrics = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True)
     if metrics.returncode == 0 and metrics.stdout.strip():

@@ -272,6 +272,7 @@ def test_queued_sweep_runs_each_experiment_and_plots_diff_works(project):
     ("base", {"base.max_steps": 60, "base.checkpoint_every_n_steps": 10}, 25),
     ("sft", {"sft.max_steps": 30, "sft.checkpoint_every_n_steps": 10}, 15),
     ("reward", {"reward.max_steps": 30, "reward.checkpoint_every_n_steps": 10}, 15),
+    ("reward", {"reward.max_steps": 30, "reward.checkpoint_every_n_steps": 10}, 4),   # before any checkpoint
     ("dpo", {"dpo.max_steps": 30, "dpo.checkpoint_every_n_steps": 10, "dpo.lr": 1e-3}, 15),
     # Online stages count optimizer steps (2 per iteration in the smoke config): killed after iteration 4,
     # resumed from the checkpoint of iteration 2 (the kill comes before that step's checkpoint).
@@ -291,11 +292,14 @@ def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, sta
     env[KILL_ENV] = str(kill_at)
     killed = sh("dvc", "repro", stage, cwd=project, check=False, env=env)
     assert killed.returncode != 0 and not (project / "data" / stage).exists()
-    assert list((project / ".cache" / "checkpoints" / stage).glob("*/last.ckpt"))
+    every = next(v for k, v in params.items() if k.startswith(f"{stage}.checkpoint_every"))
+    checkpointed = kill_at >= every * (2 if stage in ("ppo", "grpo") else 1)  # 2 optimizer steps per iteration
+    assert bool(list((project / ".cache" / "checkpoints" / stage).glob("*/last.ckpt"))) == checkpointed
     (killed_run,) = stage_runs(project, stage, after=run_json(project, "evaluate")["run_id"])
     assert killed_run.info.status == "RUNNING"  # not FINISHED: it wrote nothing (and could not say so itself)
     resumed = sh("dvc", "repro", stage, cwd=project)
-    assert ran(resumed.stdout) == {stage} and f"{stage}: resuming from" in resumed.stderr + resumed.stdout
+    assert ran(resumed.stdout) == {stage}
+    assert (f"{stage}: resuming from" in resumed.stderr + resumed.stdout) == checkpointed  # else: from the start
     assert not (project / ".cache" / "checkpoints" / stage).exists()  # cleared after success
     assert not list((project / "data").glob(f".{stage}.tmp-*"))      # no half-written folder left behind
     store = mlflow_client(project)
@@ -303,7 +307,8 @@ def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, sta
     assert killed_run.info.status == "KILLED" and "died" in killed_run.data.tags["posttrain.ended"]
     resumed_run = store.get_run(run_json(project, stage)["run_id"])
     assert resumed_run.info.status == "FINISHED"
-    assert resumed_run.data.tags["posttrain.resumed_run"] == killed_run.info.run_id  # one training, two processes
+    if checkpointed:  # one training across two processes
+        assert resumed_run.data.tags["posttrain.resumed_run"] == killed_run.info.run_id
     assert not store.search_runs([resumed_run.info.experiment_id], "attributes.status = 'RUNNING'")
 
     # The uninterrupted reference: the same stage, same inputs, same config, run in one go.
@@ -336,7 +341,7 @@ def test_a_kill_between_the_output_renames_leaves_nothing_dvc_would_cache_and_th
     killed = sh("dvc", "repro", "sft", cwd=project, check=False, env=env)
     assert killed.returncode != 0 and not (project / "data" / "sft").exists()
     leftovers = sorted(p.name.split("-")[0] for p in (project / "data").glob(".sft.*-*"))
-    assert leftovers == [".sft.old", ".sft.tmp"]
+    assert leftovers == [".sft.tmp"]  # DVC removed the old output before the stage ran: nothing to rename away
     sh("dvc", "repro", "sft", cwd=project)
     assert (project / "data" / "sft" / "model.safetensors").exists()
     assert not list((project / "data").glob(".sft.*-*"))
@@ -408,7 +413,7 @@ def test_killing_the_repro_wrapper_stops_dvc_and_its_stage_and_the_next_run_mark
     experiment = client.get_experiment_by_name("posttrain").experiment_id
     left = client.search_runs([experiment], "attributes.status = 'RUNNING'")
     assert left  # the wrapper's parent run and the stage's run: nobody could close them
-    sh("dvc", "status", cwd=project)
+    sh("dvc", "status", cwd=project)  # dvc released its lock on the way out: the repo is usable
     sh(sys.executable, "-m", "pipeline.repro", "prepare", cwd=project)  # any next execution cleans up
     for run in left:
         again = client.get_run(run.info.run_id)
