@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -187,6 +188,14 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StageLogger(MLFlowLogger):
+    """Lightning's MLflow logger, except that it never ends the run: it would mark the stage FINISHED after the
+    validation before training. The stage's run ends when the stage does (``pipeline.runs.stage_run``)."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
 def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_every: int | None,
                   checkpoint_every: int, accumulation: int = 1) -> L.Trainer:
     """A Lightning Trainer from the ``trainer`` config that logs to the stage's MLflow run and
@@ -194,14 +203,6 @@ def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_ever
     import os
 
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    class StageLogger(MLFlowLogger):
-        """Lightning's MLflow logger, except that it never ends the run: it would mark the stage FINISHED after
-        the validation before training. The stage's run ends when the stage does (``pipeline.runs.stage_run``)."""
-
-        def finalize(self, status: str = "success") -> None:
-            pass
 
     t = cfg.trainer
     logger = StageLogger(tracking_uri=run.tracking_uri, run_id=run.run_id, experiment_name=cfg.logger.experiment)
