@@ -96,7 +96,9 @@ def stage_yaml(stage: Stage, cfg: DictConfig) -> list[str]:
     for spec in stage.inputs:
         lines.append(f"      - {data}/{spec.path}" + (f"  # {spec.note}" if spec.note else ""))
     lines += ["    params:", *(f"      - {key}" for key in stage.dvc_params(cfg))]
-    lines += ["    outs:", f"      - {data}/{stage.name}", f"      - {timings}/{stage.name}.json:", "          cache: false",
+    # Timings are a cached out, not a cache:false one: DVC turns its run cache off for a stage with a cache:false
+    # out that is neither a metric nor a plot, and they must stay out of `dvc metrics diff`.
+    lines += ["    outs:", f"      - {data}/{stage.name}", f"      - {timings}/{stage.name}.json",
               "    metrics:", f"      - {metrics}/{stage.name}.json:", "          cache: false"]
     if stage.plots:
         lines.append("    plots:")
