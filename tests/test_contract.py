@@ -145,11 +145,12 @@ def test_dvcgen_check_names_a_stale_dvc_yaml(tmp_path):
     dvc_yaml.write_text(dvc_yaml.read_text().replace("      - pipeline/preferences.py\n", "", 1))
     proc = sh(sys.executable, "-m", "pipeline.dvcgen", "--check", cwd=project, check=False)
     assert proc.returncode == 1 and "differs from the stage contracts at line" in proc.stderr
-    sh(sys.executable, "-m", "pipeline.dvcgen", cwd=project)
-    assert "matches" in sh(sys.executable, "-m", "pipeline.dvcgen", "--check", cwd=project).stdout
+    assert "wrote dvc.yaml" in sh(sys.executable, "-m", "pipeline.dvcgen", cwd=project).stdout
+    # Rewritten, it is the committed file again, which the first test checks against the contracts in-process.
     assert Path(project / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
 
 
+@pytest.mark.slow  # five pipeline subprocesses, each paying the import of lightning and transformers
 def test_the_readme_recipe_adds_a_stage_with_one_file_and_one_conf_group(smoke_chain, tmp_path):
     """The README's "add a stage" section, followed literally in a fresh copy of the project."""
     import re
