@@ -4,7 +4,9 @@ Importing this package switches off telemetry (see :mod:`pipeline.env`) before a
 home is imported, and quiets import-time noise that does not concern this project.
 """
 
+from pipeline.console import quiet_dependency_noise
 from pipeline.env import disable_telemetry, quiet_import_noise
 
 disable_telemetry()
 quiet_import_noise()
+quiet_dependency_noise()

@@ -1,8 +1,8 @@
 """What each stage of the current outputs cost: wall time, peak memory and throughput, from MLflow.
 
 Every stage run logs ``system/wall_seconds`` and ``system/peak_rss_mb`` (:func:`pipeline.runs.stage_run`)
-beside its own throughput metric; this reads the runs behind ``data/<stage>/run.json`` (the runs that made
-the outputs on disk) and prints one Markdown table, the README's per-stage cost table.
+beside its own throughput metric; this reads the runs that made the outputs on disk
+(:func:`pipeline.lineage.output_run`) and prints one Markdown table, the README's per-stage cost table.
 
     python -m pipeline.costs            # after dvc repro
 """
@@ -29,13 +29,14 @@ THROUGHPUT = {
 
 def stage_costs(client, data_dir: str | Path = "data") -> list[dict]:
     """One row per stage whose output exists: its run id, wall seconds, peak RSS (MB) and throughput."""
-    from pipeline.lineage import resolve_run_id
+    from pipeline.lineage import output_run
 
     rows = []
     for stage in STAGES:
-        if not (Path(data_dir) / stage / "run.json").exists():
+        record = output_run(client, stage, data_dir)
+        if record is None:
             continue
-        run = client.get_run(resolve_run_id(client, stage, data_dir))
+        run = client.get_run(record["run_id"])
         m = run.data.metrics
         key, label = THROUGHPUT.get(stage, (None, ""))
         if key and "{" in key:
@@ -74,7 +75,7 @@ def main() -> None:
     client = MlflowClient(tracking_uri=args.store or tracking_uri(OmegaConf.create({"logger": {"tracking_uri": None}})))
     rows = stage_costs(client, args.data)
     if not rows:
-        sys.exit(f"error: no stage output with a run.json under {args.data}/ (run the chain first)")
+        sys.exit(f"error: no stage output under {args.data}/ made by a run in the store (run the chain first)")
     print(format_table(rows))
 
 

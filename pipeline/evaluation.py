@@ -26,6 +26,7 @@ from pipeline.adapters import load_trained
 from pipeline.generation import generate
 from pipeline.judges import verifier_correct
 from pipeline.models import base_sources, end_of_turn_ids, load_causal_lm, render_ids
+from pipeline.progress import StageBar
 from pipeline.stats import paired_difference, rounded, with_interval
 from pipeline.tokens import left_pad, padded_forward, token_logps
 
@@ -323,7 +324,7 @@ def load_variant_model(variant: Variant, model_cfg: DictConfig):
 
 
 def test_model(model, tokenizer, variant: Variant, settings: Generation, hardware: DictConfig, test_rows: list[dict],
-               train_rows: list[dict], reference=None, framed: bool = True):
+               train_rows: list[dict], reference=None, framed: bool = True, stage: str = "evaluate"):
     """Generate, verify and score ``model`` on ``test_rows`` through ``Trainer.test``; return (metrics,
     records). ``settings`` sets generation, ``hardware`` (the ``trainer`` group) the device and numerics;
     ``reference`` (the SFT model) adds KL to it; ``framed``: see :class:`PromptBuilder`."""
@@ -334,7 +335,8 @@ def test_model(model, tokenizer, variant: Variant, settings: Generation, hardwar
     loader = DataLoader(list(enumerate(test_rows)), batch_size=settings.batch_size, collate_fn=list)
     trainer = L.Trainer(accelerator=hardware.accelerator, devices=1, precision=hardware.precision,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=hardware.progress_bar, deterministic=hardware.deterministic)
+                        enable_progress_bar=hardware.progress_bar, deterministic=hardware.deterministic,
+                        callbacks=[StageBar(stage, variant.name)] if hardware.progress_bar else [])
     trainer.test(module, dataloaders=loader, verbose=False)
     annotate(module.records)
     return summarize(module.records, module.gen_stats), module.records

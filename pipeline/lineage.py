@@ -8,16 +8,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.outputs import RUN_JSON, read_json
-from pipeline.runs import tracking_uri
+from pipeline.outputs import digest
+from pipeline.runs import producer_record, tracking_uri
+
+
+def output_run(client, stage: str, data_dir: str | Path = "data") -> dict | None:
+    """The record of the run that wrote ``<data_dir>/<stage>`` as it is now (:func:`pipeline.runs.producer_record`,
+    which also puts a missing ``run.json`` back), or None when the folder is absent or no run is known for it."""
+    folder = Path(data_dir) / stage
+    return producer_record(folder, digest(folder), client) if folder.is_dir() else None
 
 
 def resolve_run_id(client, what: str, data_dir: str | Path = "data", experiment: str = "posttrain") -> str:
-    """A run id from a run id or a stage name: the run that produced the stage's current output (its
-    ``run.json``), else that stage's latest run in the store."""
-    run_json = Path(data_dir) / what / RUN_JSON
-    if run_json.exists():
-        return read_json(run_json)["run_id"]
+    """A run id from a run id or a stage name: the run that produced the stage's current output, else that
+    stage's latest run in the store."""
+    record = output_run(client, what, data_dir) if "/" not in what else None
+    if record:
+        return record["run_id"]
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         found = client.search_runs([exp.experiment_id], filter_string=f"tags.`posttrain.stage` = '{what}'",

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pipeline  # noqa: F401  (telemetry off)
 from pipeline.parents import OWNER_TAG, PARENT_ENV, mark_dead_runs, process_identity
@@ -60,6 +61,20 @@ def run_stopping_with_me(cmd: list[str], env: dict) -> int:
         watchdog.wait()
 
 
+def restore_records(client, data_dir: str = "data") -> None:
+    """Put back the ``run.json`` of every stage output that DVC checked out from its cache (it does not hash or
+    cache them), so each output folder says which run made it."""
+    import yaml
+
+    from pipeline.lineage import output_run
+    from pipeline.outputs import RUN_JSON
+
+    stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {}) if Path("dvc.yaml").exists() else {}
+    for name in stages:
+        if (Path(data_dir) / name).is_dir() and not (Path(data_dir) / name / RUN_JSON).exists():
+            output_run(client, name, data_dir)
+
+
 def main() -> None:
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
@@ -77,6 +92,7 @@ def main() -> None:
         OWNER_TAG: process_identity(), "posttrain.command": " ".join(["dvc", "repro", *sys.argv[1:]])}).info.run_id
     env = {**os.environ, PARENT_ENV: parent}
     code = run_stopping_with_me(["dvc", "repro", *sys.argv[1:]], env)
+    restore_records(client)
     log_dvc_lock(client, parent)
     metrics = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True)
     if metrics.returncode == 0 and metrics.stdout.strip():

@@ -38,7 +38,44 @@ def run(cfg: DictConfig):
     if cfg.stage is None:
         raise ConfigError(f"config key 'stage' needs a value; valid values: {stage.stage_names()}")
     set_offline(cfg.offline)
-    return stage.execute(stage.load(cfg.stage), cfg)
+    chosen = stage.load(cfg.stage)
+    return stage.execute(chosen, route_outputs(chosen, cfg))
+
+
+def own_paths(cfg: DictConfig, folder: str | Path) -> DictConfig:
+    """``cfg`` with every output (the stage folder, metrics, plots, timings, checkpoints) under ``folder``;
+    inputs still come from ``paths.data``."""
+    return OmegaConf.merge(cfg, {"paths": {"out": str(folder), "metrics": f"{folder}/metrics", "plots": f"{folder}/plots",
+                                           "timings": f"{folder}/timings", "checkpoints": f"{folder}/checkpoints"}})
+
+
+def route_outputs(stage, cfg: DictConfig, params: str = "params.yaml") -> DictConfig:
+    """Where a run outside DVC writes. The DVC outputs (``paths.data``) hold what ``params.yaml`` says; a run whose
+    stage config (the keys its DVC stage depends on) differs from ``params.yaml`` writes into a folder of its own
+    under ``.cache/runs/`` instead, so a trial (``stage=reward reward.max_steps=5``) never replaces a DVC output
+    with something ``dvc.lock`` does not describe. ``paths.out=data`` asks for the DVC outputs anyway; a run that
+    DVC starts, a sweep job (its job folder) or one with no ``params.yaml`` beside it is left alone."""
+    if cfg.paths.out or os.environ.get("DVC_ROOT") or not Path(params).is_file():
+        return cfg
+    from pipeline.runs import flatten
+
+    try:
+        snapshot = flatten(validate_with_added_stages(OmegaConf.load(params)))
+    except Exception:  # a broken params.yaml: nothing to protect that DVC could trust
+        return cfg
+    mine = flatten(cfg)
+    keys = stage.dvc_params(cfg)
+    differing = sorted(k for k in set(mine) | set(snapshot) if any(k == p or k.startswith(f"{p}.") for p in keys)
+                       and mine.get(k, "<absent>") != snapshot.get(k, "<absent>"))
+    if not differing:
+        return cfg
+    import time
+
+    folder = Path(".cache") / "runs" / f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log.warning("%s: config differs from %s at %s, so this run writes to %s, not to the DVC outputs "
+                "(paths.out=%s writes there anyway)", stage.name, params,
+                ", ".join(differing[:5]) + (" ..." if len(differing) > 5 else ""), folder, cfg.paths.data)
+    return own_paths(cfg, folder)
 
 
 def validate_with_added_stages(cfg: DictConfig) -> DictConfig:
@@ -123,10 +160,7 @@ def sweep_job_paths(cfg: DictConfig) -> DictConfig:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return cfg
-    job_dir = HydraConfig.get().runtime.output_dir
-    return OmegaConf.merge(cfg, {"paths": {"out": job_dir, "metrics": f"{job_dir}/metrics", "plots": f"{job_dir}/plots",
-                                           "timings": f"{job_dir}/timings",
-                                           "checkpoints": f"{job_dir}/checkpoints"}})
+    return own_paths(cfg, HydraConfig.get().runtime.output_dir)
 
 
 def objective(cfg: DictConfig, metrics) -> float | None:

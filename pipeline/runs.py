@@ -2,7 +2,7 @@
 
 Each stage run records the resolved config it read (params plus ``config.yaml``), the git commit and dirty flag,
 package versions and platform, the digest of every input, the run ids of the upstream stages that produced
-them (read from the ``run.json`` beside each input, so lineage survives DVC cache hits), its metrics, its costs
+them (see :func:`producer_record`: lineage survives DVC cache hits), its metrics, its costs
 (wall time, peak memory) and its key artifacts. Which parent run a stage run belongs under is
 :mod:`pipeline.parents`' job; reading the lineage back is :mod:`pipeline.lineage`'s.
 """
@@ -37,6 +37,47 @@ def tracking_uri(cfg: DictConfig) -> str:
     store = (Path(os.environ.get("DVC_ROOT", ".")) / "mlruns").resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def producer_record(folder: str | Path, folder_digest: str, client=None) -> dict | None:
+    """The ``run.json`` record of the run that wrote output folder ``folder`` as it is now (content digest
+    ``folder_digest``, run.json excluded), or None when no run is known to have written these bytes.
+
+    ``run.json`` holds run ids, which differ between identical runs, so DVC does not hash it (``.dvcignore``): a
+    rerun that writes the same bytes leaves every downstream stage up to date. The price: a checkout from DVC's
+    cache (a run-cache hit, ``dvc checkout``, ``dvc exp apply``) brings the folder back without it, or leaves a
+    record of other bytes. Then the run is found in MLflow by the output digest it tagged, and its record (an
+    artifact of the run) is written back beside the output."""
+    folder = Path(folder)
+    path = folder / RUN_JSON
+    record = None
+    if path.is_file():
+        try:
+            record = read_json(path)
+        except ValueError:  # a damaged record is not evidence; look it up
+            record = None
+    if isinstance(record, dict) and record.get("output_digest", folder_digest) == folder_digest:
+        return record
+    if client is None:
+        return None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`output.{folder.name}.digest` = '{folder_digest}' and "
+                                            "attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    if not found:
+        return None
+    run = found[0]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            record = read_json(client.download_artifacts(run.info.run_id, RUN_JSON, tmp))
+        except Exception:  # a run from before records were artifacts: what its tags say
+            record = {"stage": run.data.tags.get("posttrain.stage"), "run_id": run.info.run_id,
+                      "output_digest": folder_digest}
+    if folder.is_dir():
+        write_json(path, record)
+    return record
 
 
 def pipeline_products(root: str | Path = ".") -> set[str]:
@@ -154,7 +195,8 @@ class StageRun:
         self.client.set_tag(self.run_id, key, str(value))
 
     def add_input(self, name: str, path: str | Path, dataset: bool = False) -> dict[str, Any]:
-        """Record an input folder or file: its digest and the run that produced it (from its run.json).
+        """Record an input folder or file: its digest and the run that produced it (:func:`producer_record`
+        of the folder holding it).
 
         ``dataset=True`` also registers it with ``mlflow.log_input`` so the MLflow UI lists it under
         the run's datasets.
@@ -163,9 +205,9 @@ class StageRun:
         if not path.exists():
             raise FileNotFoundError(f"{path}: input '{name}' of stage '{self.stage}' does not exist; run its stage first")
         info: dict[str, Any] = {"path": str(path), "digest": digest(path)}
-        producer = path / RUN_JSON if path.is_dir() else path.parent / RUN_JSON
-        if producer.exists():
-            upstream = read_json(producer)
+        folder = path if path.is_dir() else path.parent
+        upstream = producer_record(folder, info["digest"] if path.is_dir() else digest(folder), self.client)
+        if upstream:
             info["run_id"] = upstream.get("run_id")
             info["stage"] = upstream.get("stage")
         self.inputs[name] = info

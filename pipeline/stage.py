@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +27,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from pipeline import console
 from pipeline.schema import STAGES, ConfigError
 
 # Keys every stage reads through the runner: the seed and the process's numerics (seed_everything). They are
@@ -123,6 +126,7 @@ class Context:
     digests: dict[str, str]
     info: dict[str, Any] = field(default_factory=dict)
     datasets: list[tuple[str, str]] = field(default_factory=list)
+    step: int = 0  # the last optimizer step of a training stage (pipeline.training.fit sets it): the summary's x
 
     @property
     def name(self) -> str:
@@ -234,13 +238,17 @@ def seed_everything(cfg: DictConfig) -> None:
 
 def execute(stage: Stage, cfg: DictConfig) -> dict:
     """Run one stage under its contract (see the module docstring); return its metrics."""
-    from pipeline.outputs import atomic_dir, stage_output, write_json
+    from pipeline.outputs import RUN_JSON, atomic_dir, digest, stage_output, write_json
     from pipeline.runs import stage_run
 
     seen = view(stage, cfg)
     if stage.check is not None:
         stage.check(seen)
     out = stage_output(cfg, stage.name)
+    module = sys.modules.get(f"stages.{stage.name}")
+    about = ((module.__doc__ or "").strip().splitlines() or [""])[0].rstrip(".") if module else ""
+    logging.getLogger(f"stages.{stage.name}").info(console.header(stage.name, about, cfg))
+    console.quiet_library_progress()
     with stage_run(seen, stage.name) as run:
         inputs, digests = {}, {}
         for spec in stage.inputs:
@@ -261,15 +269,18 @@ def execute(stage: Stage, cfg: DictConfig) -> dict:
                     raise ContractError(f"stage '{stage.name}' read config key '{key}', which its contract does not "
                                         f"declare: add it to params in stages/{stage.name}.py") from err
                 raise
-            run.write_run_json(tmp, **ctx.info)
+            output_digest = digest(tmp)  # what DVC hashes: run.json is .dvcignored (runs.producer_record)
+            run.write_run_json(tmp, output_digest=output_digest, **ctx.info)
         shutil.rmtree(Path(cfg.paths.checkpoints) / stage.name, ignore_errors=True)  # outputs are safe now
-        run.add_output(stage.name, out)
+        run.set_tag(f"output.{stage.name}.digest", output_digest)
+        run.log_artifact(out / RUN_JSON)
         for name, relative in ctx.datasets:
             run.add_output(name, out / relative, dataset=True)
         metrics_file = Path(cfg.paths.metrics) / f"{stage.name}.json"
         model, timings = split_timings(metrics)
         write_json(metrics_file, model)
         write_json(Path(cfg.paths.timings) / f"{stage.name}.json", timings)
-        run.log_metrics(metrics)
+        run.log_metrics(metrics, step=ctx.step)  # at the end of the curves, never back at step 0
         run.log_artifact(metrics_file)
+    console.print_summary(console.summary(stage.name, model, str(out), run.run_id))
     return metrics

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
@@ -188,6 +189,22 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every n optimizer steps, as Lightning's ``ModelCheckpoint`` writes it, except at a step that a
+    validation follows: there it is written after the validation (Lightning's own deferral, meant for a monitored
+    metric), so the checkpoint holds that step's validation point. Saved before it, a run resumed from it would
+    skip the validation (done, as far as the loop state knows) and draw its curve with a gap."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        loop = trainer.fit_loop.epoch_loop
+        if (due and not self._should_skip_saving_checkpoint(trainer) and not loop._skip_next_val
+                and loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
+            self._defer_save_until_validation = True  # on_validation_end saves
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 class StageLogger(MLFlowLogger):
     """Lightning's MLflow logger, except that it never ends the run: it would mark the stage FINISHED after the
     validation before training. The stage's run ends when the stage does (``pipeline.runs.stage_run``)."""
@@ -202,14 +219,16 @@ def build_trainer(cfg: DictConfig, run, ckpt_dir: Path, max_steps: int, val_ever
     checkpoints every ``checkpoint_every`` optimizer steps into ``ckpt_dir``."""
     import os
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     t = cfg.trainer
     logger = StageLogger(tracking_uri=run.tracking_uri, run_id=run.run_id, experiment_name=cfg.logger.experiment)
     # Only last.ckpt is kept: resuming needs the newest state, not a history.
-    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_top_k=0,
-                                  save_last=True, enable_version_counter=False)
+    checkpoints = StepCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_top_k=0,
+                                 save_last=True, enable_version_counter=False)
     callbacks: list[L.Callback] = [checkpoints]
+    if t.progress_bar:
+        from pipeline.progress import StageBar
+
+        callbacks.append(StageBar(run.stage))
     if os.environ.get(KILL_ENV, "").isdigit():
         callbacks.append(KillAtStep(int(os.environ[KILL_ENV])))
     return L.Trainer(
@@ -284,4 +303,5 @@ def fit(ctx, module: L.LightningModule, datamodule: L.LightningDataModule, max_s
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     seconds = time.time() - start
     after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    ctx.step = trainer.global_step
     return Fit(trainer, before, after, seconds)

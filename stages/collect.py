@@ -91,7 +91,11 @@ class SamplingModule(L.LightningModule):
 
 
 class ThroughputBar(TQDMProgressBar):
-    """The predict progress bar, with the generated tokens/s of the sampling module."""
+    """The predict progress bar, labelled, with the generated tokens/s of the sampling module."""
+
+    @property
+    def predict_description(self) -> str:
+        return "collect · sampling"
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)

@@ -118,7 +118,7 @@ def measure(name: str, model, tokenizer, cfg: DictConfig, test_rows: list[dict],
     """Size, speed and quality of one (quantized or fp32) model; ratios and deltas against ``fp32``."""
     sizes = Q.model_bytes(model)
     quality, _ = test_model(model, tokenizer, Variant(name, "", "chat"), generation(cfg), cfg.trainer, test_rows,
-                            train_rows)
+                            train_rows, stage="quantize")
     metrics = {
         "size/memory_bytes": sizes["memory"], "size/linear_bytes": sizes["linear"],
         "speed/forward_ms": round(forward_ms(model, tokenizer, test_rows, cfg.quantize), 3),

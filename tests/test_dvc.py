@@ -8,6 +8,8 @@ depends on what another did or in which order they ran.
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
 import sys
@@ -71,10 +73,10 @@ def built(tmp_path_factory) -> dict:
     """The smoke chain built once by ``python -m pipeline.repro`` in a fresh repo; read-only (copy it to change it)."""
     project = make_project(tmp_path_factory.mktemp("dvc") / "repo", "experiment=smoke")
     commit = sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
-    out = sh(sys.executable, "-m", "pipeline.repro", cwd=project).stdout
+    proc = sh(sys.executable, "-m", "pipeline.repro", cwd=project)
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "the built smoke chain", cwd=project)
-    return {"project": project, "output": out, "commit": commit}
+    return {"project": project, "output": proc.stdout, "log": proc.stderr, "commit": commit}
 
 
 @pytest.fixture()
@@ -85,6 +87,13 @@ def project(built, tmp_path) -> Path:
 
 def test_the_chain_runs_every_stage_once_then_nothing(built, project):
     assert ran(built["output"]) == ALL
+    for stage in ALL:  # the console: a header, then a summary naming the outputs and the run
+        assert re.search(rf"== {stage}: \w.*\(model=embedded, seed=\d+\)", built["log"]), stage
+        assert re.search(rf"== {stage} done: .*\n(.*\n)*?   outputs: data/{stage}   MLflow run: [0-9a-f]{{32}}",
+                         built["output"]), stage
+    for noise in ("GPU available", "TPU available", "Tip:", "Creating initial MLflow database tables",
+                  "Writing model shards", "is deprecated"):  # dependency noise, filtered
+        assert noise not in built["output"] + built["log"], noise
     again = sh("dvc", "repro", cwd=project).stdout
     assert ran(again) == set() and "Data and pipelines are up to date" in again
     assert changed_stages(project) == set()
@@ -205,7 +214,8 @@ def test_lineage_parent_run_per_dvc_execution(built, tmp_path):
 
 def test_lineage_survives_a_dvc_cache_hit(built, project):
     """A stage restored from DVC's run cache (no --force, nothing run) still leads back to the runs that made
-    its output: run.json travels with the output."""
+    its output. DVC does not cache run.json (.dvcignore: run ids must not change an output's hash), so the
+    restored folder comes without it; the run is found by the output's digest and its record written back."""
     from mlflow.tracking import MlflowClient
 
     first = run_json(project, "evaluate")["run_id"]
@@ -217,7 +227,7 @@ def test_lineage_survives_a_dvc_cache_hit(built, project):
     set_param(project, "evaluate.few_shot", original)
     restored = sh("dvc", "repro", cwd=project).stdout
     assert ran(restored) == set() and "Stage 'evaluate' is cached" in restored    # a run-cache hit: nothing ran
-    assert run_json(project, "evaluate")["run_id"] == first
+    assert not (project / "data/evaluate/run.json").exists()
     assert (project / "data/metrics/evaluate.json").read_text() == (built["project"] / "data/metrics/evaluate.json").read_text()
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("posttrain")
@@ -225,8 +235,30 @@ def test_lineage_survives_a_dvc_cache_hit(built, project):
     assert sorted(evaluate_runs) == sorted([first, second])                    # the hit made no new run
     view = sh(sys.executable, "-m", "pipeline.lineage", "evaluate", cwd=project).stdout
     assert f"evaluate  run {first}" in view
+    assert run_json(project, "evaluate")["run_id"] == first  # the record is back beside the output
+    assert changed_stages(project) == set()                   # and DVC does not see it
     for stage in ("quantize", "dpo", "sft", "base"):
         assert f"{stage}  run {run_json(project, stage)['run_id']}" in view
+
+
+def test_runs_outside_dvc_leave_the_chain_up_to_date(project):
+    """An ad-hoc run with the config of params.yaml rewrites its output with the same bytes and a new run.json,
+    which DVC does not hash: nothing downstream turns stale. One with another config writes into a folder of
+    its own and leaves the DVC output as dvc.lock describes it."""
+    from pipeline.outputs import digest
+
+    before = run_json(project, "prepare")["run_id"]
+    sh(sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=prepare", cwd=project)
+    assert run_json(project, "prepare")["run_id"] != before   # it did run, into the DVC output
+    assert changed_stages(project) == set()
+
+    reward = digest(project / "data" / "reward")
+    trial = sh(sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=reward", "reward.max_steps=3",
+               cwd=project)
+    assert "config differs from params.yaml at reward.max_steps" in trial.stderr
+    (elsewhere,) = (project / ".cache" / "runs").glob("reward-*")
+    assert (elsewhere / "reward" / "config.json").exists() and (elsewhere / "metrics" / "reward.json").exists()
+    assert digest(project / "data" / "reward") == reward and changed_stages(project) == set()
 
 
 def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
@@ -268,47 +300,83 @@ def test_queued_sweep_runs_each_experiment_and_plots_diff_works(project):
 
 
 
-@pytest.mark.parametrize(("stage", "params", "kill_at"), [
-    ("base", {"base.max_steps": 60, "base.checkpoint_every_n_steps": 10}, 25),
-    ("sft", {"sft.max_steps": 30, "sft.checkpoint_every_n_steps": 10}, 15),
-    ("reward", {"reward.max_steps": 30, "reward.checkpoint_every_n_steps": 10}, 15),
-    ("reward", {"reward.max_steps": 30, "reward.checkpoint_every_n_steps": 10}, 4),   # before any checkpoint
-    ("dpo", {"dpo.max_steps": 30, "dpo.checkpoint_every_n_steps": 10, "dpo.lr": 1e-3}, 15),
-    # Online stages count optimizer steps (2 per iteration in the smoke config): killed after iteration 4,
-    # resumed from the checkpoint of iteration 2 (the kill comes before that step's checkpoint).
-    ("ppo", {"ppo.iterations": 6, "ppo.checkpoint_every_n_iterations": 2, "ppo.lr": 1e-3}, 8),
-    ("grpo", {"grpo.iterations": 6, "grpo.checkpoint_every_n_iterations": 2, "grpo.lr": 1e-3}, 4),
-])
-def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, stage, params, kill_at):
-    """SIGKILL mid-training, then ``dvc repro`` resumes from the last checkpoint and ends with the weights (the
-    PPO critic and value head included) and metrics of an uninterrupted run. Inputs: ``project``, built through
-    every stage; only ``stage`` is stale after its parameters change."""
+# Every training stage, made long enough to be killed mid-way, with checkpoints every third or so of the run.
+TRAINING = {
+    "base": {"base.max_steps": 60, "base.checkpoint_every_n_steps": 10},
+    "sft": {"sft.max_steps": 30, "sft.checkpoint_every_n_steps": 10},
+    "reward": {"reward.max_steps": 30, "reward.checkpoint_every_n_steps": 10},
+    "dpo": {"dpo.max_steps": 30, "dpo.checkpoint_every_n_steps": 10, "dpo.lr": 1e-3},
+    "ppo": {"ppo.iterations": 6, "ppo.checkpoint_every_n_iterations": 2, "ppo.lr": 1e-3},
+    "grpo": {"grpo.iterations": 6, "grpo.checkpoint_every_n_iterations": 2, "grpo.lr": 1e-3},
+}
+# The kill step of each stage is drawn at random; the seed is printed with the failure so that
+# POSTTRAIN_FAULT_SEED=<seed> repeats the same kills.
+FAULT_SEED = int(os.environ.get("POSTTRAIN_FAULT_SEED") or random.SystemRandom().randrange(10**6))
+
+
+def optimizer_steps(project: Path, stage: str) -> tuple[int, int, int]:
+    """(optimizer steps of the whole run, steps between checkpoints, steps per training batch) of ``stage`` under
+    the project's params. An online stage's batch is one iteration: several updates on one sampled batch."""
+    c = get_param(project, stage)
+    if stage not in ("ppo", "grpo"):
+        return c["max_steps"], c["checkpoint_every_n_steps"], 1
+    sequences = c["prompts_per_iteration"] * (c["group_size"] if stage == "grpo" else 1)
+    updates = c["epochs"] * -(-sequences // c["minibatch_size"])
+    return c["iterations"] * updates, c["checkpoint_every_n_iterations"] * updates, updates
+
+
+@pytest.mark.parametrize("stage", list(TRAINING))
+def test_killed_at_a_random_step_then_between_the_renames_the_stage_ends_as_an_uninterrupted_run(
+        project, tmp_path, stage):
+    """SIGKILL at a random optimizer step; the rerun resumes from the last checkpoint (or starts over when there
+    was none), trains to the end and is killed at the worst moment for its output folder, between the two renames;
+    the third run resumes again and finishes. Then ``dvc status`` is clean, no temp folder or checkpoint remains,
+    the MLflow store holds no RUNNING run (the two dead ones are KILLED, each resumed run names the run it
+    resumed), and the weights (the PPO critic and value head included) and metrics equal an uninterrupted run's.
+    Inputs: ``project``, built through every stage; only ``stage`` is stale after its parameters change."""
     from safetensors.torch import load_file
 
-    for key, value in params.items():
+    for key, value in TRAINING[stage].items():
         set_param(project, key, value)
     assert changed_stages(project) == {stage}
+    total, every, per_batch = optimizer_steps(project, stage)
+    kill_at = random.Random(f"{FAULT_SEED}-{stage}").randint(1, total)
+    print(f"{stage}: killed at optimizer step {kill_at} of {total}; POSTTRAIN_FAULT_SEED={FAULT_SEED} repeats it")
+    checkpoints = project / ".cache" / "checkpoints" / stage
     env = subprocess_env()
+
     env[KILL_ENV] = str(kill_at)
     killed = sh("dvc", "repro", stage, cwd=project, check=False, env=env)
     assert killed.returncode != 0 and not (project / "data" / stage).exists()
-    every = next(v for k, v in params.items() if k.startswith(f"{stage}.checkpoint_every"))
-    checkpointed = kill_at >= every * (2 if stage in ("ppo", "grpo") else 1)  # 2 optimizer steps per iteration
-    assert bool(list((project / ".cache" / "checkpoints" / stage).glob("*/last.ckpt"))) == checkpointed
+    dies_at = -(-kill_at // per_batch) * per_batch  # the kill fires at the end of a training batch ...
+    checkpointed = dies_at > every                  # ... before that step's checkpoint is written
+    assert bool(list(checkpoints.glob("*/last.ckpt"))) == checkpointed, kill_at
     (killed_run,) = stage_runs(project, stage, after=run_json(project, "evaluate")["run_id"])
     assert killed_run.info.status == "RUNNING"  # not FINISHED: it wrote nothing (and could not say so itself)
+
+    env[KILL_ENV] = "rename"
+    renamed = sh("dvc", "repro", stage, cwd=project, check=False, env=env)
+    assert renamed.returncode != 0 and not (project / "data" / stage).exists()
+    assert (f"{stage}: resuming from" in renamed.stderr + renamed.stdout) == checkpointed  # else: from the start
+    leftovers = sorted(p.name.split("-")[0] for p in (project / "data").glob(f".{stage}.*-*"))
+    assert leftovers == [f".{stage}.tmp"]  # DVC removed the old output before the stage ran: nothing renamed away
+    assert list(checkpoints.glob("*/last.ckpt"))  # kept until the output is in place
+    (renamed_run,) = stage_runs(project, stage, after=killed_run.info.run_id)
+
     resumed = sh("dvc", "repro", stage, cwd=project)
-    assert ran(resumed.stdout) == {stage}
-    assert (f"{stage}: resuming from" in resumed.stderr + resumed.stdout) == checkpointed  # else: from the start
-    assert not (project / ".cache" / "checkpoints" / stage).exists()  # cleared after success
-    assert not list((project / "data").glob(f".{stage}.tmp-*"))      # no half-written folder left behind
+    assert ran(resumed.stdout) == {stage} and f"{stage}: resuming from" in resumed.stderr + resumed.stdout
+    assert not checkpoints.exists()                                   # cleared after success
+    assert not list((project / "data").glob(f".{stage}.*-*"))         # the dead run's temp folder removed
+    assert stage not in changed_stages(project)
     store = mlflow_client(project)
-    killed_run = store.get_run(killed_run.info.run_id)
-    assert killed_run.info.status == "KILLED" and "died" in killed_run.data.tags["posttrain.ended"]
+    for dead in (killed_run, renamed_run):
+        dead = store.get_run(dead.info.run_id)
+        assert dead.info.status == "KILLED" and "died" in dead.data.tags["posttrain.ended"]
+    renamed_run = store.get_run(renamed_run.info.run_id)
+    assert (renamed_run.data.tags.get("posttrain.resumed_run") == killed_run.info.run_id) == checkpointed
     resumed_run = store.get_run(run_json(project, stage)["run_id"])
     assert resumed_run.info.status == "FINISHED"
-    if checkpointed:  # one training across two processes
-        assert resumed_run.data.tags["posttrain.resumed_run"] == killed_run.info.run_id
+    assert resumed_run.data.tags["posttrain.resumed_run"] == renamed_run.info.run_id  # one training, three processes
     assert not store.search_runs([resumed_run.info.experiment_id], "attributes.status = 'RUNNING'")
 
     # The uninterrupted reference: the same stage, same inputs, same config, run in one go.
@@ -330,25 +398,14 @@ def test_kill_mid_training_then_rerun_resumes_and_matches(project, tmp_path, sta
     assert set(ours) == set(theirs)  # a resumed stage reports what an uninterrupted one does, *_before included
     before = [k for k in ours if k.endswith("_before")]
     assert before and all(ours[k] == pytest.approx(theirs[k], abs=1e-6) for k in before)
-
-
-def test_a_kill_between_the_output_renames_leaves_nothing_dvc_would_cache_and_the_rerun_cleans_up(project):
-    """The worst moment: the old output renamed away, the new one not yet in place. DVC sees no output, the rerun
-    removes both leftovers (their process is dead), finishes, and leaves no RUNNING run."""
-    set_param(project, "sft.max_steps", 12)
-    env = subprocess_env()
-    env[KILL_ENV] = "rename"
-    killed = sh("dvc", "repro", "sft", cwd=project, check=False, env=env)
-    assert killed.returncode != 0 and not (project / "data" / "sft").exists()
-    leftovers = sorted(p.name.split("-")[0] for p in (project / "data").glob(".sft.*-*"))
-    assert leftovers == [".sft.tmp"]  # DVC removed the old output before the stage ran: nothing to rename away
-    sh("dvc", "repro", "sft", cwd=project)
-    assert (project / "data" / "sft" / "model.safetensors").exists()
-    assert not list((project / "data").glob(".sft.*-*"))
-    assert "sft" not in changed_stages(project)
-    client = mlflow_client(project)
-    experiment = client.get_experiment_by_name("posttrain").experiment_id
-    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    plots = sorted((project / "data" / "plots" / stage).glob("*.json"))
+    assert plots
+    for plot in plots:  # the curves across the three processes: no gap, no repeated step
+        rows = json.loads(plot.read_text())
+        expected = json.loads((reference / "data" / "plots" / stage / plot.name).read_text())
+        assert [sorted(r) for r in rows] == [sorted(r) for r in expected], plot.name
+        assert rows == [{k: pytest.approx(v, abs=1e-4) if isinstance(v, float) else v for k, v in r.items()}
+                        for r in expected], plot.name
 
 
 def mlflow_client(project: Path):

@@ -39,6 +39,22 @@ def test_base_is_an_hf_folder_that_learned(smoke_chain):
     assert loss and loss[0]["step"] == 0
 
 
+def test_mlflow_curves_have_a_point_per_step_and_the_summary_at_their_end(smoke_chain):
+    """The MLflow charts of a training stage: train/loss at every optimizer step, and the final summary logged at
+    the last step, never back at step 0 (where the chart would run from the final value to the first)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{smoke_chain / 'mlruns' / 'mlflow.db'}")
+    run_id = json.loads((smoke_chain / "data" / "base" / "run.json").read_text())["run_id"]
+    metrics = json.loads((smoke_chain / "data" / "metrics" / "base.json").read_text())
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(30))  # smoke: 30 optimizer steps, one point each
+    history = sorted(client.get_metric_history(run_id, "val/loss"), key=lambda m: (m.timestamp, m.step))
+    assert [m.step for m in history] == sorted(m.step for m in history)  # logged in step order
+    assert history[0].step == 0 and history[0].value == pytest.approx(metrics["val/loss_before"], abs=1e-4)
+    assert history[-1].step == 30 and history[-1].value == pytest.approx(metrics["val/loss"], abs=1e-4)
+
+
 def test_prepare_splits_are_disjoint_and_hold_what_they_promise(smoke_chain):
     out = smoke_chain / "data" / "prepare"
     splits = {name: load_jsonl(out / f"{name}.jsonl") for name in ("train", "val", "test", "prompts")}
