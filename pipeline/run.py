@@ -122,13 +122,58 @@ def load_params(path: str, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} is not key=value")
         key = item.split("=", 1)[0]
         if key != "stage" and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            raise ConfigError(f"config key '{key}' does not exist in {path}")
+            raise ConfigError(f"config key '{key}' does not exist in {path}{nearest_key(cfg, key)}")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     _warn_drift(path, cfg)
     return cfg
 
 
 _ABSENT = object()
+
+
+def nearest(name: str, options) -> str | None:
+    """The valid option closest to a misspelt ``name`` (difflib's ratio >= 0.6), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [str(o) for o in options], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def nearest_key(cfg: DictConfig, key: str) -> str:
+    """"; did you mean 'sft.lr'?" for an unknown ``key`` whose last part is close to a sibling's, else ""."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    close = nearest(leaf, node.keys()) if isinstance(node, DictConfig) else None
+    return f"; did you mean '{parent + '.' if parent else ''}{close}'?" if close else ""
+
+
+def check_overrides(args: list[str], conf: Path) -> None:
+    """Name a misspelt group option or config key with the nearest valid one, before Hydra's own message (which
+    lists options without a suggestion, or says only "not in struct"). Sweeps (``a,b``), ``+``/``~`` edits and
+    ``hydra.*`` overrides are left to Hydra."""
+    plain = [a for a in args if "=" in a and not a.startswith(("+", "~", "-", "hydra"))]
+    groups = {p.name for p in conf.iterdir() if p.is_dir()}
+    choices, keys = [], []
+    for item in plain:
+        key, value = item.split("=", 1)
+        group = key.split("@")[0]
+        if group in groups:
+            options = sorted(f.stem for f in (conf / group).glob("*.yaml"))
+            if "," not in value and value not in (*options, "null"):
+                close = nearest(value, options)
+                raise ConfigError(f"'{value}' is not an option of config group '{group}'"
+                                  f"{f'; did you mean {close!r}?' if close else ''} (options: {', '.join(options)})")
+            choices.append(item)
+        else:
+            keys.append(key)
+    if not keys:
+        return
+    from pipeline.compose import compose
+
+    cfg = compose(choices, conf_dir=conf)
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"config key '{key}' does not exist{nearest_key(cfg, key)}")
 
 
 def _warn_drift(path: str, cfg: DictConfig) -> None:
@@ -181,8 +226,21 @@ def _hydra_main():
     import hydra
 
     composed = False
+    # The project's conf/, found from the working directory (the project root), so the installed `posttrain`
+    # script and `python -m pipeline.run` read the same configs.
+    conf = Path.cwd() / "conf"
+    if not (conf / "config.yaml").is_file():
+        print(f"error: no conf/config.yaml in {Path.cwd()}: run posttrain from the project root "
+              "(the folder holding conf/, params.yaml and dvc.yaml)", file=sys.stderr)
+        sys.exit(2)
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    try:
+        check_overrides(sys.argv[1:], conf)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+    @hydra.main(version_base="1.3", config_path=str(conf), config_name="config")
     def hydra_entry(cfg: DictConfig):
         nonlocal composed
         composed = True
@@ -197,8 +255,44 @@ def _hydra_main():
         raise
 
 
+HELP = """\
+posttrain: a pretrained causal LM through SFT, preference collection, reward model, DPO/PPO/GRPO, quantization
+and evaluation, each stage a DVC stage configured by Hydra (conf/) and recorded in MLflow.
+
+usage (from the project root):
+  posttrain run stage=<stage> [key=value ...]          one stage, conf/ composed by Hydra (outputs: see README)
+  posttrain run -m stage=<stage> key=a,b [...]          a Hydra sweep: one MLflow run per job
+  posttrain run --params params.yaml stage=<stage>      what dvc.yaml runs: the composed snapshot
+  posttrain run stage=<stage> --cfg job                 print the composed config of a run, without running it
+  python -m pipeline.repro                             the whole chain: dvc repro inside one MLflow parent run
+  python -m pipeline.lineage <stage | run id>          the runs and data behind an output
+  python -m pipeline.costs                             wall time, memory and throughput per stage
+
+stages: {stages}
+config groups (key=option): {groups}
+"""
+
+
+def help_text(root: Path | None = None) -> str:
+    """The ``posttrain --help`` text: commands, the stages, and the config groups of ``root``'s conf/."""
+    from pipeline.stage import stage_names
+
+    conf = (root or Path.cwd()) / "conf"
+    groups = []
+    if conf.is_dir():
+        for group in sorted(p for p in conf.iterdir() if p.is_dir()):
+            options = sorted(f.stem for f in group.glob("*.yaml"))
+            groups.append(f"{group.name} [{', '.join(options)}]")
+    return HELP.format(stages=" ".join(stage_names()), groups="; ".join(groups) or "(no conf/ here)")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if sys.argv[1:2] in (["--help"], ["-h"], []):
+        print(help_text())
+        return
+    if sys.argv[1:2] == ["run"]:  # `posttrain run ...` = `python -m pipeline.run ...`
+        del sys.argv[1]
     if os.environ.get("DVC_ROOT"):  # a stage of `dvc repro`: it stops when dvc is killed, not runs on orphaned
         from pipeline.env import die_with_parent
 

@@ -183,6 +183,15 @@ class StageRun:
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
 
+    def log_summary(self, rows: dict[str, dict], headline: tuple[str, ...], artifact_file: str) -> None:
+        """A stage with child runs (evaluate's variants, quantize's methods): the parent holds one table of every
+        child's metrics (``mlflow.log_table``: a row per child, in the UI's artifact and evaluation views) and
+        only the ``headline`` metrics of each child as ``<child>/<metric>``, not a copy of every metric."""
+        keys = sorted({k for m in rows.values() for k in m if isinstance(m[k], (int, float))})
+        table = {"name": list(rows), **{k: [rows[n].get(k) for n in rows] for k in keys}}
+        self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+        self.log_metrics({f"{name}/{k}": m[k] for name, m in rows.items() for k in headline if k in m})
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts."""
         path = Path(path)
@@ -242,12 +251,18 @@ class StageRun:
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(self.run_id, datasets=[entity])
 
-    def child(self, name: str, tags: dict[str, str] | None = None) -> "StageRun":
+    def child(self, name: str, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> "StageRun":
         """A nested run under this one (e.g. one per evaluated variant), so the MLflow UI can compare
-        them side by side under the same metric names. Close it with :meth:`finish`."""
+        them side by side under the same metric names. ``params``: what defines this child (the variant's
+        source stage and prompting, the quantization method), so Compare and parallel coordinates have axes.
+        Close it with :meth:`finish`."""
+        from mlflow.entities import Param
+
         run = self.client.create_run(self.client.get_run(self.run_id).info.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": self.run_id, "posttrain.stage": self.stage, "posttrain.kind": "variant",
             "mlflow.source.git.commit": self.commit, **(tags or {})})
+        if params:
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return StageRun(self.client, run.info.run_id, self.run_id, self.tracking_uri, self.stage, self.cfg)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -276,17 +291,26 @@ class StageRun:
         write_json(Path(folder) / RUN_JSON, self.record(**extra))
 
 
+# The MLflow UI opens an experiment on its GenAI pages (an empty Traces view) unless the experiment says it is
+# classic model development; then it opens on the runs table, where the stages are.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def find_experiment(client, cfg: DictConfig) -> str:
-    """The id of ``logger.experiment``, created (with its artifact root) on first use."""
+    """The id of ``logger.experiment``, created (with its artifact root and :data:`EXPERIMENT_KIND`) on first use."""
     exp = client.get_experiment_by_name(cfg.logger.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:  # a store from before the tag, or made by someone else
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     root = (Path(os.environ.get("DVC_ROOT", ".")) / cfg.logger.artifact_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        return client.create_experiment(cfg.logger.experiment, artifact_location=root.as_uri())
+        experiment_id = client.create_experiment(cfg.logger.experiment, artifact_location=root.as_uri(),
+                                                 tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created meanwhile by a parallel job
         return client.get_experiment_by_name(cfg.logger.experiment).experiment_id
+    return experiment_id
 
 
 @contextmanager

@@ -143,8 +143,10 @@ def run(ctx: Context) -> dict:
                                     "test/reward_score_vs_sft_ci_high": high}))
     for name, metrics in run_lm_eval(ctx, chosen).items():
         results[name].update(metrics)
+    defined = {v.name: {"variant.source": Path(v.model_dir).name, "variant.prompting": v.style,
+                        "variant.shots": v.shots, "variant.cot": v.cot} for v in chosen}
     for name, metrics in results.items():
-        child = ctx.run.child(name, tags={"posttrain.variant": name})
+        child = ctx.run.child(name, tags={"posttrain.variant": name}, params=defined.get(name))
         child.log_metrics(metrics)
         child.finish()
     plots = ctx.plots.parent  # the report embeds every stage's curves
@@ -153,7 +155,7 @@ def run(ctx: Context) -> dict:
     write_atomic(ctx.output / "report.html", report.render_html(results, generations, plots, extra_sections(ctx)))
     write_accuracy_plot(results, ctx.plots / "accuracy.csv")
     write_reward_kl_plot(results, ctx.plots / "reward_kl.csv")
-    ctx.run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+    ctx.run.log_summary(results, ("test/accuracy", "test/tokens_per_second"), "variants.json")
     ctx.run.log_artifact(ctx.output / "report.md")
     ctx.run.log_artifact(ctx.output / "report.html")
     return results

@@ -239,10 +239,11 @@ def run(ctx: Context) -> dict:
     metrics_file = {**results, **status}
     write_methods_plot(results, ctx.plots / "methods.csv")
     for name, metrics in results.items():
-        child = run.child(name, tags={"posttrain.quantization": name})
+        child = run.child(name, tags={"posttrain.quantization": name},
+                          params={"quantize.method": name, "quantize.source": q.source})
         child.log_metrics(metrics)
         child.finish()
-    run.log_metrics({f"{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+    run.log_summary(results, ("test/accuracy", "speed/tokens_per_second"), "methods.json")
     run.log_artifact(tmp / "report.json")
     log.info("quantize: %s keeps accuracy %.3f (fp32 %.3f), linear weights at %.1f%% of fp32, %s bytes on disk",
              q.method, saved["test/accuracy"], results[FP32]["test/accuracy"], 100 * saved["size/linear_ratio"],

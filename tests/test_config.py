@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -69,6 +70,9 @@ def test_required_value_is_named():
 
 
 def test_entry_point_exits_nonzero_with_the_key_before_heavy_work(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")  # a project root: its conf/, nothing else
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "stage=base", "trainer.precision=fp8"],
                           cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2
@@ -81,12 +85,14 @@ def test_params_door_rejects_unknown_keys(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=base", "base.lrr=1"],
                           cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2
-    assert "config key 'base.lrr' does not exist in params.yaml" in proc.stderr
+    assert "config key 'base.lrr' does not exist in params.yaml; did you mean 'base.lr'?" in proc.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["stage=sft", "sft.lrr=1"], "sft.lrr"),                                   # an unknown key
-    (["stage=sft", "judge=humn"], "Available options in 'judge'"),             # an unknown group option
+    (["stage=sft", "sft.lrr=1"], "config key 'sft.lrr' does not exist; did you mean 'sft.lr'?"),  # an unknown key
+    (["stage=sft", "judge=humn"], "'humn' is not an option of config group 'judge'; did you mean 'human'?"),
+    (["stage=sft", "peft@sft.peft=lorra"], "did you mean 'lora'?"),             # a group chosen at another key
+    (["stage=sft", "sft.nested.lrr=1"], "config key 'sft.nested.lrr' does not exist"),  # no sibling to suggest
 ])
 def test_hydra_door_exits_2_on_a_bad_override_with_what_is_valid(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=ROOT, capture_output=True, text=True,
@@ -143,3 +149,18 @@ def test_every_sampling_cap_fits_the_longest_right_answer():
     for stage, kinds in RESPONSE_CAPS.items():
         need = max(longest[k] for k in kinds)
         assert cfg[stage].max_new_tokens >= need, f"{stage}.max_new_tokens = {cfg[stage].max_new_tokens} < {need}"
+
+
+def test_the_posttrain_script_helps_runs_from_the_project_root_and_says_when_it_is_not_there(tmp_path):
+    """The console script pyproject declares: `--help` lists the commands, stages and config groups;
+    `posttrain run ...` composes the project's conf/ (the working directory's); elsewhere one clear line, exit 2."""
+    script = str(Path(sys.executable).parent / "posttrain")
+    shown = subprocess.run([script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0 and "posttrain run stage=<stage>" in shown.stdout
+    assert "stages: base prepare sft collect reward dpo ppo grpo quantize evaluate" in shown.stdout
+    assert "judge [function, human, llm, verifier]" in shown.stdout
+    composed = subprocess.run([script, "run", "stage=sft", "sft.lr=0.0042", "--cfg", "job"], cwd=ROOT,
+                              capture_output=True, text=True)
+    assert composed.returncode == 0 and "lr: 0.0042" in composed.stdout
+    outside = subprocess.run([script, "run", "stage=sft"], cwd=tmp_path, capture_output=True, text=True)
+    assert outside.returncode == 2 and "run posttrain from the project root" in outside.stderr

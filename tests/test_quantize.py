@@ -293,6 +293,21 @@ def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(dpo_chain, 
     assert "test/kl_to_sft" in evaluated["quantize"]
     page = Path("data/evaluate/report.html").read_text()
     assert "int8_static_asym: failed: ValueError: scale out of range" in page
+    # MLflow's Compare view: each method's and variant's child run carries what defines it as params.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlruns' / 'mlflow.db'}")
+    children = client.search_runs([client.get_experiment_by_name("posttrain").experiment_id],
+                                  "tags.`posttrain.kind` = 'variant'")
+    params = {(r.data.tags["posttrain.stage"], r.info.run_name): r.data.params for r in children}
+    assert params[("quantize", "int8_dynamic")] == {"quantize.method": "int8_dynamic", "quantize.source": "dpo"}
+    assert params[("evaluate", "quantize")] == {"variant.source": "quantize", "variant.prompting": "chat",
+                                                "variant.shots": "0", "variant.cot": "False"}
+    # The parent: a table of every variant's metrics and the headline ones, not a copy of each child's metrics.
+    parent = client.get_run(json.loads(Path("data/evaluate/run.json").read_text())["run_id"])
+    assert parent.data.metrics["quantize/test/accuracy"] == evaluated["quantize"]["test/accuracy"]
+    assert "quantize/test/perplexity" not in parent.data.metrics
+    assert "variants.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_the_saved_method_failing_stops_the_stage_and_writes_nothing(dpo_chain, tmp_path, monkeypatch):

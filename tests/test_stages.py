@@ -45,6 +45,8 @@ def test_mlflow_curves_have_a_point_per_step_and_the_summary_at_their_end(smoke_
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{smoke_chain / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("posttrain")  # the UI opens it on the runs table, not GenAI traces
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     run_id = json.loads((smoke_chain / "data" / "base" / "run.json").read_text())["run_id"]
     metrics = json.loads((smoke_chain / "data" / "metrics" / "base.json").read_text())
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
