@@ -27,7 +27,8 @@ def resolve_run_id(client, what: str, data_dir: str | Path = "data", experiment:
         return record["run_id"]
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
-        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`posttrain.stage` = '{what}'",
+        stage_runs = f"tags.`posttrain.stage` = '{what}' and tags.`posttrain.kind` = 'stage'"
+        found = client.search_runs([exp.experiment_id], filter_string=stage_runs,
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             return found[0].info.run_id

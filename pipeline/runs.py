@@ -313,6 +313,17 @@ def find_experiment(client, cfg: DictConfig) -> str:
     return experiment_id
 
 
+def run_name(stage: str, cfg: DictConfig) -> str:
+    """``<stage>-<6 hex digits>``: the digits are a digest of the config the stage reads (its view, where
+    outputs go and where it logs left out), so the MLflow runs table tells two configs of one stage apart at a
+    glance, and two runs of one config share a name. The stage itself is the tag ``posttrain.stage``."""
+    import hashlib
+
+    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("paths", "logger")}
+    text = OmegaConf.to_yaml(OmegaConf.create(relevant))
+    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     """Open the MLflow run of one stage execution; close it FINISHED once the stage wrote its outputs, or FAILED
@@ -337,7 +348,7 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
             "mlflow.source.name": "pipeline.run", "posttrain.kind": "stage", OWNER_TAG: process_identity()}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name(stage, cfg), tags=tags)
     current = StageRun(client, run.info.run_id, parent, uri, stage, cfg)
     _log_config(client, current, cfg)
     if parent:  # the pipeline run carries the lock this stage started from (pipeline.repro adds the final one)

@@ -191,17 +191,18 @@ def test_lineage_parent_run_per_dvc_execution(built, tmp_path):
     parent = parents[0]
     assert parent.info.run_id in built["output"] and parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == sorted(ALL)
+    assert sorted(r.data.tags["posttrain.stage"] for r in children) == sorted(ALL)
+    assert all(re.fullmatch(rf"{r.data.tags['posttrain.stage']}-[0-9a-f]{{6}}", r.info.run_name) for r in children)
     assert all(r.info.status == "FINISHED" for r in children)
     lock = client.download_artifacts(parent.info.run_id, "dvc.lock", str(tmp_path))
     assert Path(lock).read_text() == (project / "dvc.lock").read_text()      # the parent carries the final lock
-    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    evaluate_run = next(r for r in children if r.data.tags["posttrain.stage"] == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
     assert sorted(r.info.run_name for r in variants) == ["base_chat", "base_cot", "base_few_shot", "base_zero_shot",
                                                          "dpo", "grpo", "ppo", "quantize", "sft"]
     assert all("test/accuracy" in r.data.metrics for r in variants)
     base_run = run_json(project, "base")
-    prepare_child = next(r for r in children if r.info.run_name == "prepare")
+    prepare_child = next(r for r in children if r.data.tags["posttrain.stage"] == "prepare")
     assert prepare_child.data.tags["upstream.base.run_id"] == base_run["run_id"]
     assert base_run["parent_run_id"] == parent.info.run_id
     assert base_run["git_commit"] == built["commit"]
@@ -231,7 +232,8 @@ def test_lineage_survives_a_dvc_cache_hit(built, project):
     assert (project / "data/metrics/evaluate.json").read_text() == (built["project"] / "data/metrics/evaluate.json").read_text()
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("posttrain")
-    evaluate_runs = [r.info.run_id for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "evaluate"]
+    evaluate_runs = [r.info.run_id for r in client.search_runs([exp.experiment_id])
+                     if r.data.tags.get("posttrain.stage") == "evaluate" and r.data.tags.get("posttrain.kind") == "stage"]
     assert sorted(evaluate_runs) == sorted([first, second])                    # the hit made no new run
     view = sh(sys.executable, "-m", "pipeline.lineage", "evaluate", cwd=project).stdout
     assert f"evaluate  run {first}" in view

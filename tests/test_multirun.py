@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sh, subprocess_env
+from conftest import ROOT, sh, subprocess_env
 
 pytestmark = pytest.mark.slow  # every test runs Hydra multiruns of the entry point in subprocesses
+
+
+@pytest.fixture(autouse=True)
+def project_root(tmp_path):
+    """Each test runs in a project root of its own: the entry point composes conf/ from the working directory."""
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
 
 
 def store_runs(folder: Path):
@@ -29,7 +37,7 @@ def store_runs(folder: Path):
 
 def sweep_and_jobs(runs, stage: str):
     sweeps = [r for r in runs if r.data.tags.get("posttrain.kind") == "sweep"]
-    jobs = [r for r in runs if r.info.run_name == stage]
+    jobs = [r for r in runs if r.data.tags.get("posttrain.stage") == stage and r.data.tags.get("posttrain.kind") == "stage"]
     return sweeps, jobs
 
 
