@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,7 @@ from pipeline.stage import Chart, Context, Input, Plot, Stage
 
 SPLITS = ("train", "val", "test", "prompts")
 TOKENIZED_SPLITS = ("train", "val")
+log = logging.getLogger("stages.prepare")
 
 
 # The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
@@ -270,6 +272,10 @@ def run(ctx: Context) -> dict:
     metrics.update({f"data/{name}_dropped": sum(datamodule.dropped[name].values()) for name in SPLITS})
     metrics["data/skipped_bad_rows"] = sum(datamodule.skipped_bad_rows.values())
     metrics["data/train_mean_tokens"] = card["splits"]["train"]["tokens"]["mean"]
+    for name in SPLITS:  # what was dropped, and why, where the user looks first
+        if datamodule.dropped[name]:
+            log.info("prepare: %s keeps %d rows, dropped %s", name, len(datamodule.splits[name]),
+                     _reasons(datamodule.dropped[name], ctx.cfg.data.max_tokens))
     for artifact in (tmp / "card.md", tmp / "card.json", ctx.plots / "token_lengths.png"):
         ctx.run.log_artifact(artifact)
     return metrics
