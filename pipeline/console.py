@@ -38,14 +38,10 @@ def quiet_dependency_noise() -> None:
         warnings.filterwarnings("ignore", message=message, module=module)
     warnings.filterwarnings("ignore", category=FutureWarning, module=DEPENDENCY_WARNINGS[0][0])
     for name in ("lightning.pytorch", "lightning.fabric"):
-        lightning = logging.getLogger(name)
-        lightning.propagate = False  # it has its own handler: through the root one too, every line came twice
-        if not any(isinstance(f, _DropBanners) for f in lightning.filters):
-            lightning.addFilter(_DropBanners())
-        for handler in lightning.handlers:
-            if not any(isinstance(f, _DropBanners) for f in handler.filters):
-                handler.addFilter(_DropBanners())
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropBanners())
+        logging.getLogger(name).propagate = False  # it has its own handler: through the root one too, every line came twice
+    banners = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where Lightning logs them
+    if not any(isinstance(f, _DropBanners) for f in banners.filters):
+        banners.addFilter(_DropBanners())
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
