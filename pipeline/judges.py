@@ -273,11 +273,20 @@ class LLMJudge(Judge):
 
 # ------------------------------------------------------------------------------------------------ human
 def read_labels(path: str | Path) -> list[dict]:
-    """Read and validate a human label file; errors name the file, line and field."""
+    """Read and validate a human label file; errors name the file, line and field.
+
+    A retraction line (``{"retracts": <label_id>, "annotator", ...}``, the labelling page's undo) removes
+    the label it names (a label without a ``label_id`` is named ``line-<number>``); retractions and retracted
+    labels are not returned."""
     from pipeline.chat import json_objects
 
-    rows = []
+    rows, retracted = [], set()
     for where, row in json_objects(path, "labels", "set judge.labels_file, or label pairs with `python -m pipeline.label`"):
+        if "retracts" in row:
+            if not isinstance(row["retracts"], str) or not isinstance(row.get("annotator"), str):
+                raise InputError(f"{where}: a retraction needs string fields 'retracts' and 'annotator'")
+            retracted.add((row["annotator"], row["retracts"]))
+            continue
         for field in ("prompt_id", "response_a", "response_b", "choice", "annotator"):
             if field not in row:
                 raise InputError(f"{where}: field '{field}' is missing")
@@ -289,8 +298,8 @@ def read_labels(path: str | Path) -> list[dict]:
             raise InputError(f"{where}: field 'annotator' is empty")
         if row.get("reason") is not None and not isinstance(row["reason"], str):
             raise InputError(f"{where}: field 'reason' must be a string")
-        rows.append(row)
-    return rows
+        rows.append((row.get("label_id") or f"line-{where.rsplit(':', 1)[1]}", row))
+    return [row for label_id, row in rows if (row["annotator"], label_id) not in retracted]
 
 
 def resolve_labels(labels: list[dict], rule: str) -> tuple[dict, dict[str, float]]:

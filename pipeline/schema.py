@@ -281,6 +281,7 @@ class JudgeConfig:
     batch_size: int = bounded(1, default=64)
     labels_file: Optional[str] = None
     conflict: str = choice("majority", "unanimous", default="majority")
+    guidelines: Optional[str] = None  # the labelling page's Markdown guidelines (human judge; not read by collect)
 
 
 @dataclass

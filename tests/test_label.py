@@ -56,6 +56,88 @@ def test_bad_choices_and_unknown_pairs_change_nothing(tmp_path):
     assert store.state("ana")["done"] == 1 and store.state("bo")["done"] == 0   # per annotator
 
 
+def test_undo_appends_a_retraction_that_the_human_judge_applies_and_the_file_is_never_rewritten(tmp_path):
+    from pipeline.judges import read_labels
+
+    labels = tmp_path / "labels.jsonl"
+    store = LabelStore(labels, load_pairs(write_samples(tmp_path / "samples.jsonl")))
+    first = store.state("ana")["pair"]["pair_id"]
+    answer = store.add(first, "a", "ana")
+    assert answer["recorded"] == {"action": "label", "pair_id": first, "choice": "a", "line": 1, "file": str(labels)}
+    second = answer["pair"]["pair_id"]
+    store.add(second, "b", "ana")
+    store.add(first, "tie", "bo")                                     # another annotator's label is not ana's to undo
+    before = labels.read_text()
+    answer = store.undo("ana")
+    assert answer["recorded"]["action"] == "undo" and answer["recorded"]["pair_id"] == second
+    assert answer["pair"]["pair_id"] == second and answer["done"] == 1  # the retracted pair is shown again
+    assert labels.read_text().startswith(before)                        # appended, not rewritten
+    retraction = json.loads(labels.read_text().splitlines()[-1])
+    assert retraction["retracts"] == json.loads(before.splitlines()[1])["label_id"]
+    kept = read_labels(labels)
+    assert [(r["annotator"], r["choice"]) for r in kept] == [("ana", "a"), ("bo", "tie")]
+    assert LabelStore(labels, store.pairs).state("ana")["done"] == 1     # a restart sees the retraction too
+    store.undo("ana")
+    with pytest.raises(ValueError, match="no label to undo"):
+        store.undo("ana")
+    assert [r["annotator"] for r in read_labels(labels)] == ["bo"]
+
+
+def test_a_label_without_an_id_is_retracted_by_its_line_number(tmp_path):
+    from pipeline.judges import read_labels
+
+    labels = tmp_path / "labels.jsonl"
+    old = {"prompt_id": "p0", "response_a": "1", "response_b": "2", "choice": "a", "annotator": "ana", "pair_id": "x"}
+    labels.write_text(json.dumps(old) + "\n")
+    store = LabelStore(labels, load_pairs(write_samples(tmp_path / "samples.jsonl")))
+    assert store.undo("ana")["recorded"]["line"] == 2
+    assert json.loads(labels.read_text().splitlines()[1])["retracts"] == "line-1"
+    assert read_labels(labels) == []                                   # the one label is retracted
+
+
+def test_skipped_pairs_come_last_and_come_back_when_only_they_remain(tmp_path):
+    store = LabelStore(tmp_path / "labels.jsonl", load_pairs(write_samples(tmp_path / "samples.jsonl")))
+    ids = [p.pair_id for p in store.pairs]
+    assert store.state("ana", skip=(ids[0],))["pair"]["pair_id"] == ids[1]
+    for pair in ids[1:]:
+        store.add(pair, "a", "ana")
+    assert store.state("ana", skip=(ids[0],))["pair"]["pair_id"] == ids[0]   # only the skipped one is left
+
+
+@pytest.mark.parametrize("text, absent", [
+    ("<script>alert(1)</script>", "<script"),
+    ("<img src=x onerror=alert(1)>", "<img"),
+    ("[click](javascript:alert(1))", "href"),
+])
+def test_markdown_is_rendered_with_raw_html_shown_as_text_and_unsafe_links_refused(text, absent):
+    from pipeline.label import markdown
+
+    assert absent not in markdown(text)
+    assert "<strong>bold</strong>" in markdown("**bold**") and "<code>x = 1</code>" in markdown("`x = 1`")
+
+
+def test_the_guidelines_file_is_served_on_the_page_and_a_missing_one_is_named(tmp_path):
+    from pipeline.label import serve
+
+    samples = write_samples(tmp_path / "samples.jsonl")
+    with pytest.raises(ValueError, match="nope.md: guidelines file not found"):
+        serve(samples, tmp_path / "labels.jsonl", port=0, guidelines=tmp_path / "nope.md")
+    server = serve(samples, tmp_path / "labels.jsonl", port=0, guidelines="conf/judge/guidelines.md")
+    threading_serve(server)
+    try:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "<strong>Correct first.</strong>" in page
+
+
+def threading_serve(server) -> None:
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
 def test_concurrent_posts_append_whole_lines_and_each_accepted_request_exactly_once(tmp_path):
     """Many labels posted at once, long reasons included: every line of the file parses, and the lines are
     exactly the accepted requests, each once (one write per line on an O_APPEND file, under a lock)."""
@@ -268,3 +350,59 @@ def test_label_with_the_keyboard_kill_restart_resume_and_import(pairs_chain, tmp
             expected.add((r["prompt_id"], win, lose))
     assert {(p["prompt_id"], p["chosen"], p["rejected"]) for p in pairs} == expected
     assert all(p["judge"] == "human" for p in pairs) and collected_before != pairs
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_page_shows_guidelines_markdown_confirmations_skip_undo_and_key_help_in_chromium(tmp_path):
+    from pipeline.judges import read_labels
+    from pipeline.label import serve
+
+    samples = write_samples(tmp_path / "samples.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    rows[0]["prompt"] = "Compute **twice** `x`. <script>window.injected = 1</script>"
+    rows[0]["samples"][1]["text"] = "<img src=x onerror='window.injected = 2'> The answer is *2*."
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = tmp_path / "labels.jsonl"
+    server = serve(samples, labels, port=0, guidelines="conf/judge/guidelines.md")
+    threading_serve(server)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with browser_page() as page:
+            page.add_init_script("localStorage.setItem('posttrain.annotator', 'ana')")
+            page.goto(url)
+            page.wait_for_selector("#progress:has-text('0 / 5')")
+            assert page.is_visible("#guidelines-text strong:has-text('Correct first.')")
+            first = page.text_content("#prompt")
+            page.keyboard.press("?")
+            assert page.is_visible("#help") and "undo" in page.text_content("#help")
+            page.keyboard.press("Escape")
+            assert not page.is_visible("#help")
+            page.keyboard.press("s")                                   # skip: another pair, nothing written
+            page.wait_for_selector("#confirm:has-text('Skipped')")
+            page.wait_for_function(f"document.getElementById('prompt').textContent !== {json.dumps(first)}")
+            assert not labels.exists()
+            page.keyboard.press("1")
+            page.wait_for_selector("#confirm:has-text('Recorded: A is better (line 1 of')")
+            page.keyboard.press("2")
+            page.wait_for_selector("#progress:has-text('2 / 5')")
+            page.keyboard.press("u")                                   # undo the second label
+            page.wait_for_selector("#confirm:has-text('Undone')")
+            page.wait_for_selector("#progress:has-text('1 / 5')")
+            page.keyboard.press("3")
+            page.wait_for_selector("#progress:has-text('2 / 5')")
+            for done in (3, 4):
+                page.keyboard.press("t")
+                page.wait_for_selector(f"#progress:has-text('{done} / 5')")
+            # only the skipped pair is left: it comes back, its Markdown rendered and its HTML shown as text
+            assert page.text_content("#prompt") == first
+            assert page.is_visible("#prompt strong:has-text('twice')") and page.is_visible("#prompt code")
+            assert "<script>" in page.text_content("#prompt")
+            assert page.evaluate("window.injected === undefined") and page.locator("#prompt script, .response img").count() == 0
+            page.screenshot(path=str(tmp_path / "label.png"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert ["retracts" in r for r in lines] == [False, False, True, False, False, False]
+    assert [r["choice"] for r in read_labels(labels)] == ["a", "tie", "tie", "tie"]
