@@ -49,9 +49,13 @@ def browser_page(width: int = 1280, height: int = 900) -> Iterator:
 
 def check_report(path: str | Path, screenshot: str | Path | None = None) -> dict:
     """Open an evaluation report and measure what a reader sees: the metrics table's rows and columns,
-    the plots with a visible size, and how much of a full-page screenshot is not blank.
+    the differences against SFT (how many are marked as effects), the per-family rows, the provenance line,
+    the plots with a visible size, the reward-hacking flags, the sample browser (families, rows, and whether
+    opening the first family shows its rows), and how much of a full-page screenshot is not blank.
 
-    Returns ``{"variants", "metric_rows", "plots", "visible_plots", "sample_rows", "ink"}``.
+    Returns ``{"variants", "metric_rows", "difference_rows", "effects", "family_rows", "provenance", "plots",
+    "visible_plots", "reward_flags", "sample_families", "sample_rows", "rows_visible_closed",
+    "rows_visible_opened", "ink"}``.
     """
     from io import BytesIO
 
@@ -65,8 +69,19 @@ def check_report(path: str | Path, screenshot: str | Path | None = None) -> dict
         plot_count = page.locator("figure.plot").count()
         visible = sum(1 for i in range(plots.count())
                       if (box := plots.nth(i).bounding_box()) and box["width"] > 50 and box["height"] > 50)
-        sample_rows = page.locator("#samples tbody tr").count()
+        rows = page.locator("table.samples tbody tr")
+        shown = lambda: sum(1 for i in range(rows.count()) if rows.nth(i).is_visible())  # noqa: E731
+        found = {"difference_rows": page.locator("#differences tbody tr").count(),
+                 "effects": page.locator("#differences td.effect").count(),
+                 "family_rows": page.locator("#families tbody tr").count(),
+                 "provenance": page.locator("#provenance").count() and page.is_visible("#provenance"),
+                 "reward_flags": page.locator("#reward-flags li").count(),
+                 "sample_families": page.locator("details.family").count(), "sample_rows": rows.count(),
+                 "rows_visible_closed": shown()}
         image = page.screenshot(full_page=True)
+        if found["sample_families"]:
+            page.locator("details.family summary").first.click()
+        found["rows_visible_opened"] = shown()
     if screenshot:
         Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
         Path(screenshot).write_bytes(image)
@@ -76,7 +91,7 @@ def check_report(path: str | Path, screenshot: str | Path | None = None) -> dict
     histogram = pixels.histogram()
     ink = 1 - sum(histogram[250:]) / max(1, sum(histogram))  # share of pixels that are not (near) white
     return {"variants": variants, "metric_rows": metric_rows, "plots": plot_count, "visible_plots": visible,
-            "sample_rows": sample_rows, "ink": round(ink, 4)}
+            **found, "ink": round(ink, 4)}
 
 
 def main() -> None:

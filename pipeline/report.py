@@ -1,11 +1,18 @@
-"""The evaluation report: one self-contained HTML page (and a Markdown twin) with the metrics table, the
-plots and sample generations side by side.
+"""The evaluation report: one self-contained HTML page (and a Markdown twin) a reader can believe.
+
+Sections, in order: provenance (commit, date, seed, the evaluate run and every input's run); the metrics
+table, each rate with its 95% bootstrap interval; each variant's difference against SFT on the same prompts
+with its paired interval, marked where the interval excludes 0 (an effect) and greyed where it does not;
+accuracy per task family; plots; the reward-hacking check (:mod:`pipeline.reward_check`); and a sample
+browser with every test prompt, grouped by family in collapsible sections, each variant's answer beside the
+gold answer.
 
 Self-contained means no external asset at all: the charts are SVG drawn by matplotlib and inlined, the
-styles are inline, there is no script. The page opens offline, from a file, in any browser, and is
-logged to MLflow as an artifact. Plots:
+styles are inline, there is no script (the browser's own ``<details>`` folds the samples). The page opens
+offline, from a file, in any browser, and is logged to MLflow as an artifact. Plots:
 
-- accuracy per variant (overall, held-out templates, held-out family);
+- accuracy per variant (overall, held-out templates, held-out family) with 95% intervals as error bars, on
+  an axis fitted to the data;
 - reward-model score against KL to the SFT model for the aligned variants (what alignment bought, and at
   what distance from the reference);
 - the training curves every stage left in ``data/plots/<stage>/`` (loss, validation, reward and KL per
@@ -91,12 +98,18 @@ def accuracy_chart(results: dict) -> str:
               ("test/accuracy_held_out_family", "held-out family"))
     fig, ax = plt.subplots(figsize=(8, 3.2))
     width = 0.8 / len(slices)
+    top = 0.0
     for i, (key, label) in enumerate(slices):
         values = [results[n].get(key, 0.0) or 0.0 for n in names]
-        ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
+        highs = [results[n].get(f"{key}_ci_high", v) for n, v in zip(names, values, strict=True)]
+        lows = [results[n].get(f"{key}_ci_low", v) for n, v in zip(names, values, strict=True)]
+        errors = [[v - lo for v, lo in zip(values, lows, strict=True)], [hi - v for v, hi in zip(values, highs, strict=True)]]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=label, yerr=errors, capsize=2,
+               error_kw={"elinewidth": 0.8})
+        top = max(top, *highs)
     ax.set_xticks([x + width for x in range(len(names))], names, rotation=20)
-    ax.set_ylabel("verifiable accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("verifiable accuracy (95% interval)")
+    ax.set_ylim(0, min(1.0, top * 1.15 + 0.02))  # fitted to the data: differences of a few points stay visible
     ax.legend(fontsize=8)
     ax.set_title("Accuracy per variant on held-out test prompts")
     return svg(fig)
@@ -163,6 +176,135 @@ def sample_rows(generations: list[dict], names: list[str], per_family: int = 1) 
     return shown
 
 
+# Differences against SFT on the same prompts (evaluate's paired bootstrap): metric, label, format.
+DIFFERENCES = (
+    ("test/accuracy_vs_sft", "accuracy", "{:+.1%}"),
+    ("test/refusal_harmful_vs_sft", "refusals: harmful", "{:+.1%}"),
+    ("test/refusal_harmless_vs_sft", "refusals: harmless", "{:+.1%}"),
+    ("test/concise_rate_vs_sft", "concise", "{:+.1%}"),
+    ("test/reward_score_vs_sft", "reward-model score", "{:+.3f}"),
+)
+
+
+def difference_cell(metrics: dict, key: str, pattern: str) -> str:
+    """A paired difference with its interval; ``effect up``/``effect down`` when the interval excludes 0,
+    ``noeffect`` (greyed, "n.s.") when it does not."""
+    from pipeline.stats import excludes_zero
+
+    value, low, high = metrics.get(key), metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if value is None:
+        return "<td>–</td>"
+    text = cell(metrics, key, pattern)
+    if low is None or high is None:
+        return f"<td>{text}</td>"
+    if excludes_zero(low, high):
+        kind, mark = ("up", "▲") if low > 0 else ("down", "▼")
+        return f"<td class='effect {kind}' title='95% interval excludes 0'>{mark} {text}</td>"
+    return f"<td class='noeffect' title='95% interval includes 0: no effect shown'>{text} n.s.</td>"
+
+
+def differences_html(results: dict) -> str:
+    """Each variant against SFT: a row per variant, a column per paired difference."""
+    rows = [n for n in results if n != "sft" and any(k in results[n] for k, _, _ in DIFFERENCES)]
+    if not rows:
+        return "<p>No differences: SFT was not evaluated.</p>"
+    columns = [c for c in DIFFERENCES if any(c[0] in results[n] for n in rows)]
+    esc = html.escape
+    out = ["<table id='differences'><thead><tr><th>variant − sft</th>"]
+    out += [f"<th>{esc(label)}</th>" for _, label, _ in columns]
+    out.append("</tr></thead><tbody>")
+    for n in rows:
+        out.append(f"<tr><td>{esc(n)}</td>" + "".join(difference_cell(results[n], k, p) for k, _, p in columns) + "</tr>")
+    out.append("</tbody></table><p class='note'>Paired bootstrap over the same test prompts (2,000 resamples). "
+               "▲/▼: the 95% interval excludes 0, an effect; n.s.: it includes 0, no difference is shown.</p>")
+    return "".join(out)
+
+
+def families(generations: list[dict]) -> dict[str, int]:
+    """Task family -> number of test prompts, in name order."""
+    ids: dict[str, set] = defaultdict(set)
+    for g in generations:
+        ids[g["family"]].add(g["id"])
+    return {f: len(ids[f]) for f in sorted(ids)}
+
+
+def family_html(results: dict, generations: list[dict]) -> str:
+    """Accuracy per task family (rows) and variant (columns), each with its 95% interval."""
+    names, esc = list(results), html.escape
+    out = ["<table id='families'><thead><tr><th>family (prompts)</th>"] + [f"<th>{esc(n)}</th>" for n in names]
+    out.append("</tr></thead><tbody>")
+    for family, count in families(generations).items():
+        key = f"test/accuracy_{family}"
+        out.append(f"<tr><td>{esc(family)} ({count})</td>" + "".join(f"<td>{cell(results[n], key, '{:.1%}')}</td>" for n in names)
+                   + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def provenance_html(prov: dict | None) -> str:
+    """The header that says where the numbers come from."""
+    if not prov:
+        return ""
+    esc = html.escape
+    commit = esc(str(prov.get("commit", "unknown"))[:12]) + (" (uncommitted changes)" if prov.get("dirty") else "")
+    inputs = ", ".join(f"{esc(k)} <code>{esc(str(v or '–'))}</code>" for k, v in prov.get("inputs", {}).items())
+    return (f"<p id='provenance'>Commit <code>{commit}</code> · {esc(str(prov.get('date', '')))} · seed "
+            f"{esc(str(prov.get('seed', '')))} · evaluate run <code>{esc(str(prov.get('run_id', '')))}</code> in "
+            f"<code>{esc(str(prov.get('tracking_uri', '')))}</code><br>Input runs: {inputs or '–'}</p>")
+
+
+def reward_check_html(hacking: dict | None) -> str:
+    """The reward-hacking check: its flags (or that none was raised) and its figures."""
+    if not hacking:
+        return "<p>No reward model passed its gate: nothing to check.</p>"
+    esc, m = html.escape, hacking["metrics"]
+    out = []
+    if hacking["flags"]:
+        out.append("<ul id='reward-flags' class='flags'>" + "".join(f"<li>⚠ {esc(f)}</li>" for f in hacking["flags"]) + "</ul>")
+    else:
+        out.append("<p id='reward-flags' class='clean'>No flag: the reward model prefers right answers, is not driven by "
+                   "length, and scores every degenerate answer below every trained variant.</p>")
+    rows = [("prefers the wrong answer (per right/wrong pair)", cell(m, "reward_check/prefers_wrong_rate", "{:.1%}")),
+            ("prompts with a right and a wrong answer", fmt(m.get("reward_check/prefers_wrong_prompts"), "{:.0f}")),
+            ("Spearman rho, score vs length (answers equally right or wrong)",
+             fmt(m.get("reward_check/length_spearman_within"), "{:+.2f}")),
+            ("Spearman rho, score vs length (all answers)", fmt(m.get("reward_check/length_spearman"), "{:+.2f}"))]
+    rows += [(f"mean score of the '{k.removeprefix('reward_check/probe_')}' answer", fmt(v, "{:+.3f}"))
+             for k, v in m.items() if k.startswith("reward_check/probe_")]
+    out.append("<table id='reward-check'><tbody>" + "".join(f"<tr><td>{esc(a)}</td><td>{b}</td></tr>" for a, b in rows)
+               + "</tbody></table>")
+    return "".join(out)
+
+
+def browser_html(generations: list[dict], names: list[str]) -> str:
+    """Every test prompt, grouped by family in collapsible sections: prompt, gold answer and every variant's
+    answer (green when verified correct, red when not). Plain ``<details>``: no script."""
+    esc = html.escape
+    by_family: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for g in generations:
+        by_family[g["family"]][g["id"]][g["variant"]] = g
+    out = []
+    for family in sorted(by_family):
+        prompts = by_family[family]
+        correct = {n: sum(bool(a.get(n, {}).get("correct")) for a in prompts.values()) for n in names}
+        summary = ", ".join(f"{esc(n)} {correct[n]}" for n in names)
+        out.append(f"<details class='family' data-family='{esc(family)}'><summary><b>{esc(family)}</b>: {len(prompts)} "
+                   f"prompts; correct: {summary}</summary><table class='samples'><thead><tr><th>prompt</th><th>gold</th>")
+        out += [f"<th>{esc(n)}</th>" for n in names]
+        out.append("</tr></thead><tbody>")
+        for row_id in sorted(prompts):
+            answers = prompts[row_id]
+            first = next(iter(answers.values()))
+            out.append(f"<tr><td class='text'>{esc(first['prompt'])}</td><td class='text'>{esc(str(first['gold']))}</td>")
+            for n in names:
+                g = answers.get(n)
+                out.append("<td>–</td>" if g is None else
+                           f"<td class='text {'ok' if g['correct'] else 'wrong'}'>{esc(g['response'])}</td>")
+            out.append("</tr>")
+        out.append("</tbody></table></details>")
+    return "".join(out)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; margin: 12px 0; font-size: 13px; }
@@ -172,19 +314,28 @@ td.ok { background: #e6f4e6; } td.wrong { background: #fbe9e9; }
 td.text { text-align: left; font-family: monospace; white-space: pre-wrap; }
 figure { display: inline-block; margin: 8px; vertical-align: top; }
 svg { max-width: 100%; height: auto; }
+td.effect.up { background: #e6f4e6; font-weight: 600; } td.effect.down { background: #fbe9e9; font-weight: 600; }
+td.noeffect { color: #888; }
+p.note, #provenance { font-size: 12px; color: #555; }
+ul.flags { background: #fff4e5; border: 1px solid #f0b45c; padding: 8px 28px; }
+p.clean { background: #e6f4e6; padding: 8px; }
+details.family { margin: 6px 0; } details.family summary { cursor: pointer; }
 """
 
 
-def render_html(results: dict, generations: list[dict], plots_dir: Path, extra_sections: list[tuple[str, str]] = ()) -> str:
-    """The whole report page (see the module docstring)."""
+def render_html(results: dict, generations: list[dict], plots_dir: Path, extra_sections: list[tuple[str, str]] = (),
+                provenance: dict | None = None, hacking: dict | None = None) -> str:
+    """The whole report page (see the module docstring). ``provenance``: see :func:`provenance_html`;
+    ``hacking``: the reward-hacking check (:func:`pipeline.reward_check.check`), None without a reward model."""
     import matplotlib
 
     matplotlib.use("Agg")
     names = list(results)
     esc = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>posttrain evaluation</title>",
-             f"<style>{STYLE}</style></head><body>", "<h1>posttrain evaluation</h1>",
-             f"<p>{len(names)} variants on the held-out test prompts; metric definitions are in stages/evaluate.py.</p>",
+             f"<style>{STYLE}</style></head><body>", "<h1>posttrain evaluation</h1>", provenance_html(provenance),
+             f"<p>{len(names)} variants on {len({g['id'] for g in generations})} held-out test prompts; metric "
+             "definitions are in stages/evaluate.py. Brackets: 95% bootstrap interval over the prompts.</p>",
              "<h2>Metrics</h2>", "<table id='metrics'><thead><tr><th>metric</th>"]
     parts += [f"<th>{esc(n)}</th>" for n in names]
     parts.append("</tr></thead><tbody>")
@@ -195,6 +346,8 @@ def render_html(results: dict, generations: list[dict], plots_dir: Path, extra_s
         parts += [f"<td>{cell(results[n], key, pattern)}</td>" for n in names]
         parts.append("</tr>")
     parts.append("</tbody></table>")
+    parts += ["<h2>Differences against SFT (paired)</h2>", differences_html(results)]
+    parts += ["<h2>Accuracy per task family</h2>", family_html(results, generations)]
     parts += ["<h2>Plots</h2>", f"<figure class='plot' id='plot-accuracy'>{accuracy_chart(results)}</figure>"]
     reward_kl = reward_kl_chart(results)
     if reward_kl:
@@ -203,19 +356,11 @@ def render_html(results: dict, generations: list[dict], plots_dir: Path, extra_s
     if curves:
         parts.append("<h2>Training curves</h2>")
         parts += [f"<figure class='plot' id='curve-{esc(stage)}'>{chart}</figure>" for stage, chart in curves]
+    parts += ["<h2>Reward-hacking check</h2>", reward_check_html(hacking)]
     for title, body in extra_sections:
         parts += [f"<h2>{esc(title)}</h2>", body]
-    parts += ["<h2>Sample generations</h2>", "<table id='samples'><thead><tr><th>prompt</th><th>gold answer</th>"]
-    parts += [f"<th>{esc(n)}</th>" for n in names]
-    parts.append("</tr></thead><tbody>")
-    for answers in sample_rows(generations, names):
-        first = next(iter(answers.values()))
-        parts.append(f"<tr><td class='text'>{esc(first['prompt'])}</td><td class='text'>{esc(first['gold'])}</td>")
-        for n in names:
-            g = answers[n]
-            parts.append(f"<td class='text {'ok' if g['correct'] else 'wrong'}'>{esc(g['response'])}</td>")
-        parts.append("</tr>")
-    parts.append("</tbody></table></body></html>")
+    parts += ["<h2>Samples: every test prompt</h2>", "<p class='note'>Click a family to open it. Green: the verifier "
+              "accepts the answer; red: it does not.</p>", browser_html(generations, names), "</body></html>"]
     return "".join(parts)
 
 
@@ -230,6 +375,15 @@ def table_html(rows: dict[str, dict], columns: tuple[tuple[str, str, str], ...],
     return "".join(out)
 
 
+def marked(metrics: dict, key: str, pattern: str) -> str:
+    """A paired difference for Markdown: "+2.0% [+0.5%, +3.5%] *" when the interval excludes 0."""
+    from pipeline.stats import excludes_zero
+
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    star = " *" if low is not None and high is not None and excludes_zero(low, high) else ""
+    return cell(metrics, key, pattern) + star
+
+
 def render_markdown(results: dict, generations: list[dict]) -> str:
     """The same table and samples as Markdown (for terminals and code review)."""
     names = list(results)
@@ -237,6 +391,11 @@ def render_markdown(results: dict, generations: list[dict]) -> str:
     for key, label, pattern in TABLE:
         if any(key in results[n] for n in names):
             lines.append(f"| {label} | " + " | ".join(cell(results[n], key, pattern) for n in names) + " |")
+    lines += ["", "## Differences against SFT (paired 95% interval; * = excludes 0)", "",
+              "| variant | " + " | ".join(label for _, label, _ in DIFFERENCES) + " |", "|---|" + "---|" * len(DIFFERENCES)]
+    for n in names:
+        if n != "sft" and "test/accuracy_vs_sft" in results[n]:
+            lines.append(f"| {n} | " + " | ".join(marked(results[n], k, p) for k, _, p in DIFFERENCES) + " |")
     lines += ["", "## Sample generations", ""]
     for answers in sample_rows(generations, names):
         first = next(iter(answers.values()))

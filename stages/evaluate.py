@@ -24,8 +24,13 @@ with a reward model, ``test/reward_win_rate_vs_sft``. Optional lm-evaluation-har
 Inputs: ``data/base``, ``data/prepare`` (test split; train split for few-shot examples), ``data/sft``,
 ``data/dpo``, ``data/ppo``, ``data/grpo``, ``data/quantize`` (and its ``report.json``), ``data/reward``;
 training curves under ``data/plots/``; ``evaluate.*``, ``seed``.
-Outputs: ``data/evaluate/`` (``report.html``: one self-contained page with the table, plots and sample
-generations, see :mod:`pipeline.report`; ``report.md``, ``generations.jsonl``, ``run.json``),
+Reward-hacking check (with a reward model; :mod:`pipeline.reward_check`): does the reward model prefer wrong
+answers, long or short ones, or degenerate ones (empty, one character, the prompt echoed, a repeated word)?
+
+Outputs: ``data/evaluate/`` (``report.html``: one self-contained page with provenance, the table with 95%
+intervals, differences against SFT, per-family accuracy, plots, the reward-hacking check and every test
+prompt's answers, see :mod:`pipeline.report`; ``report.md``, ``generations.jsonl``, ``reward_check.json``,
+``run.json``),
 ``data/metrics/evaluate.json`` (variant -> metrics), ``data/plots/evaluate/{accuracy,reward_kl}.csv``.
 Each variant is also an MLflow child run of the evaluate run, with the same metric names.
 Run: ``python -m pipeline.run stage=evaluate``
@@ -143,6 +148,12 @@ def run(ctx: Context) -> dict:
                                     "test/reward_score_vs_sft_ci_high": high}))
     for name, metrics in run_lm_eval(ctx, chosen).items():
         results[name].update(metrics)
+    hacking = None
+    if reward_score is not None:
+        trained = [v.name for v in chosen if Path(v.model_dir).name != "base"]
+        hacking = check_reward_model(reward_score, test_rows, by_variant, reward_by_variant, trained)
+        write_atomic(ctx.output / "reward_check.json", json.dumps(hacking, indent=2, sort_keys=True) + "\n")
+        ctx.run.log_metrics(hacking["metrics"])
     defined = {v.name: {"variant.source": Path(v.model_dir).name, "variant.prompting": v.style,
                         "variant.shots": v.shots, "variant.cot": v.cot} for v in chosen}
     for name, metrics in results.items():
@@ -152,13 +163,42 @@ def run(ctx: Context) -> dict:
     plots = ctx.plots.parent  # the report embeds every stage's curves
     write_atomic(ctx.output / "generations.jsonl", "".join(json.dumps(g, sort_keys=True) + "\n" for g in generations))
     write_atomic(ctx.output / "report.md", report.render_markdown(results, generations))
-    write_atomic(ctx.output / "report.html", report.render_html(results, generations, plots, extra_sections(ctx)))
+    write_atomic(ctx.output / "report.html", report.render_html(results, generations, plots, extra_sections(ctx),
+                                                                provenance(ctx), hacking))
     write_accuracy_plot(results, ctx.plots / "accuracy.csv")
     write_reward_kl_plot(results, ctx.plots / "reward_kl.csv")
     ctx.run.log_summary(results, ("test/accuracy", "test/tokens_per_second"), "variants.json")
     ctx.run.log_artifact(ctx.output / "report.md")
     ctx.run.log_artifact(ctx.output / "report.html")
     return results
+
+
+def check_reward_model(reward_score, test_rows: list[dict], by_variant: dict[str, list[dict]],
+                       reward_by_variant: dict, trained: list[str]) -> dict:
+    """The reward-hacking check (:mod:`pipeline.reward_check`): the variants' scored answers, and the scores of
+    degenerate answers to every test prompt."""
+    from pipeline import reward_check
+
+    prompts = [{"messages": r["messages"][:-1]} for r in test_rows]
+    questions = [next(m["content"] for m in reversed(r["messages"][:-1]) if m["role"] == "user") for r in test_rows]
+    probe_scores = {}
+    for probe in reward_check.probes(""):
+        texts = [reward_check.probes(q)[probe] for q in questions]
+        probe_scores[probe] = reward_score(prompts, texts).tolist()
+    ids = [r["id"] for r in test_rows]
+    scores = {name: dict(zip(ids, s.tolist(), strict=True)) for name, s in reward_by_variant.items()}
+    found = reward_check.check(by_variant, scores, probe_scores, trained)
+    found["metrics"] = rounded(found["metrics"])
+    return found
+
+
+def provenance(ctx: Context) -> dict:
+    """Where the report's numbers come from: the commit, the time, the evaluate run and each input's run."""
+    import time
+
+    return {"commit": ctx.run.commit, "dirty": ctx.run.dirty, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "run_id": ctx.run.run_id, "tracking_uri": ctx.run.tracking_uri, "seed": ctx.cfg.seed,
+            "inputs": {name: info.get("run_id") for name, info in sorted(ctx.run.inputs.items())}}
 
 
 def extra_sections(ctx: Context) -> list[tuple[str, str]]:
