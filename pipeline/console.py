@@ -52,6 +52,17 @@ def quiet_library_progress() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        for handler in hf_logging._get_library_root_logger().handlers:  # its own handler: where its lines print
+            if not any(isinstance(f, _DropDeprecations) for f in handler.filters):
+                handler.addFilter(_DropDeprecations())
+
+
+class _DropDeprecations(logging.Filter):
+    """transformers' notices about its own API moves ("`past_key_values` ... deprecated. Use `cache`"): logged,
+    not warned, so the warnings filters above miss them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "deprecated" not in record.getMessage()
 
 
 def header(stage: str, description: str, cfg) -> str:

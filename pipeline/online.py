@@ -34,7 +34,7 @@ from pipeline.models import render_ids
 from pipeline.preferences import holdout_key
 from pipeline.suite import bucket
 from pipeline.tokens import padded_forward
-from pipeline.training import StageModule, StepBatches, adamw_warmup_cosine, batches_loader
+from pipeline.training import SAMPLES, StageModule, StepBatches, adamw_warmup_cosine, batches_loader, log_samples
 
 if TYPE_CHECKING:
     from pipeline.stage import Stage
@@ -367,6 +367,9 @@ def run_stage(ctx, make_module: Callable, reward: str,
     if has_adapter(model):
         model.set_adapter("default")
     adapters.save_trained(model, cfg.peft, ctx.output, str(sft_dir), cfg.model, str(sft_dir))
+    held_out = datamodule.val_items[:SAMPLES]
+    log_samples(ctx, model, tokenizer, [item["prompt"] for item in held_out],
+                [item["row"]["meta"].get("gold") for item in held_out])
     tokenizer.save_pretrained(ctx.output)
     if save_extra is not None:
         save_extra(module, ctx.output)

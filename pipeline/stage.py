@@ -236,6 +236,22 @@ def seed_everything(cfg: DictConfig) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def log_plots(run, folder: Path) -> None:
+    """The stage's plot files as run artifacts (``plots/``), with its training curves drawn into ``curves.png``
+    (written to a temporary folder: the DVC plot folder holds only the declared plot files)."""
+    import tempfile
+
+    from pipeline.plots import curves_png
+
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    run.log_artifact(folder, "plots")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = curves_png(folder, Path(tmp) / "curves.png")
+        if png is not None:
+            run.log_artifact(png, "plots")
+
+
 def execute(stage: Stage, cfg: DictConfig) -> dict:
     """Run one stage under its contract (see the module docstring); return its metrics."""
     from pipeline.outputs import RUN_JSON, atomic_dir, digest, stage_output, write_json
@@ -282,5 +298,6 @@ def execute(stage: Stage, cfg: DictConfig) -> dict:
         write_json(Path(cfg.paths.timings) / f"{stage.name}.json", timings)
         run.log_metrics(metrics, step=ctx.step)  # at the end of the curves, never back at step 0
         run.log_artifact(metrics_file)
+        log_plots(run, ctx.plots)
     console.print_summary(console.summary(stage.name, model, str(out), run.run_id))
     return metrics

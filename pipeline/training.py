@@ -305,3 +305,23 @@ def fit(ctx, module: L.LightningModule, datamodule: L.LightningDataModule, max_s
     after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     ctx.step = trainer.global_step
     return Fit(trainer, before, after, seconds)
+
+
+SAMPLES = 8            # held-out prompts answered after training and logged as the run's samples table
+SAMPLE_TOKENS = 64     # new tokens per sample answer: enough for the suite's answers, cheap on a real model
+
+
+def log_samples(ctx, model, tokenizer, prompts: list[list[int]], references: list[str | None]) -> None:
+    """Answer the first :data:`SAMPLES` held-out prompts greedily with the trained model and log them as the
+    MLflow table ``samples.json`` (prompt, reference, response, finished): what the training did, readable in
+    the run's artifacts next to its curves. Greedy, after the weights are saved: it changes nothing."""
+    from pipeline.generation import generate
+
+    prompts, references = prompts[:SAMPLES], references[:SAMPLES]
+    if not prompts:
+        return
+    answers, _ = generate(model, tokenizer, prompts, SAMPLE_TOKENS, batch_size=len(prompts))
+    ctx.run.client.log_table(ctx.run.run_id, artifact_file="samples.json", data={
+        "prompt": [tokenizer.decode(p, skip_special_tokens=True).strip() for p in prompts],
+        "reference": [r if r is not None else "" for r in references],
+        "response": [a.text for a in answers], "finished": [a.finished for a in answers]})

@@ -237,7 +237,6 @@ def run(ctx: Context) -> dict:
     ctx.info.update(judge=cfg.judge.name, stats=stats)
     ctx.datasets.append(("pairs", "pairs.jsonl"))
     write_length_plot(pairs, ctx.plots)
-    ctx.run.log_artifact(ctx.plots / "lengths.png")
     log.info("collect: %d pairs from %d prompts (judge %s), %.0f tokens/s",
              len(pairs), len(rows), judge.name, tokens_per_second)
     return stats

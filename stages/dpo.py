@@ -42,7 +42,7 @@ from pipeline.models import LOAD_KEYS, load_tokenizer
 from pipeline.preferences import PreferenceData
 from pipeline.schema import ConfigError
 from pipeline.stage import Context, Input, Plot, Stage
-from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit
+from pipeline.training import SAMPLES, TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit, log_samples
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,9 @@ def run(ctx: Context) -> dict:
     result = fit(ctx, module, datamodule, c.max_steps, c.val_every_n_steps, c.checkpoint_every_n_steps,
                  c.accumulate_grad_batches)
     adapters.save_trained(module.model, cfg.peft, ctx.output, str(sft_dir), cfg.model, str(sft_dir))
+    held_out = datamodule.val_items[:SAMPLES]  # the held-out pairs' prompts, their chosen response as reference
+    log_samples(ctx, module.model, tokenizer, [p["chosen"][:p["prompt_len"]] for p in held_out],
+                [tokenizer.decode(p["chosen"][p["prompt_len"]:], skip_special_tokens=True).strip() for p in held_out])
     tokenizer.save_pretrained(ctx.output)
     ctx.info.update(peft_method=cfg.peft.method, loss=c.loss, beta=c.beta)
     ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])

@@ -276,7 +276,7 @@ def run(ctx: Context) -> dict:
         if datamodule.dropped[name]:
             log.info("prepare: %s keeps %d rows, dropped %s", name, len(datamodule.splits[name]),
                      _reasons(datamodule.dropped[name], ctx.cfg.data.max_tokens))
-    for artifact in (tmp / "card.md", tmp / "card.json", ctx.plots / "token_lengths.png"):
+    for artifact in (tmp / "card.md", tmp / "card.json"):  # plots: pipeline.stage.log_plots
         ctx.run.log_artifact(artifact)
     return metrics
 

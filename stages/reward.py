@@ -198,7 +198,6 @@ def run(ctx: Context) -> dict:
     ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])
     ctx.write_plot("val_accuracy.json", [h for h in module.history if "val/accuracy" in h])
     write_reward_plot(*module.val_rewards, ctx.plots)
-    ctx.run.log_artifact(ctx.plots / "rewards.png")
     log.info("reward: held-out pairwise accuracy %.3f (gate %.2f: %s)", verdict["accuracy"], r.min_accuracy,
              "passed" if verdict["passed"] else "FAILED")
     return {**result.metrics(),

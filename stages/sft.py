@@ -27,9 +27,19 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pipeline import adapters
-from pipeline.models import SOURCE_KEYS, base_reference, base_sources, load_causal_lm, load_tokenizer
+from pipeline.chat import json_objects, prompt_of
+from pipeline.models import SOURCE_KEYS, base_reference, base_sources, load_causal_lm, load_tokenizer, render_ids
 from pipeline.stage import Context, Input, Plot, Stage
-from pipeline.training import TRAINER_KEYS, StageModule, StepBatches, adamw_warmup_cosine, batches_loader, fit
+from pipeline.training import (
+    SAMPLES,
+    TRAINER_KEYS,
+    StageModule,
+    StepBatches,
+    adamw_warmup_cosine,
+    batches_loader,
+    fit,
+    log_samples,
+)
 
 Example = tuple[list[int], list[int]]
 
@@ -193,6 +203,9 @@ def run(ctx: Context) -> dict:
                           base_reference(cfg.model, ctx.input("base")))
     tokenizer.save_pretrained(ctx.output)
     ctx.info["peft_method"] = peft.method
+    held_out = [row for _, row in json_objects(ctx.input("prepare") / "val.jsonl", "validation rows")][:SAMPLES]
+    log_samples(ctx, module.model, tokenizer, [render_ids(tokenizer, prompt_of(r), add_generation_prompt=True)
+                                               for r in held_out], [r["messages"][-1]["content"] for r in held_out])
     ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])
     ctx.write_plot("val_loss.json", [h for h in module.history if "val/loss" in h])
     steps_tokens = sft.max_steps * sft.accumulate_grad_batches

@@ -56,3 +56,24 @@ def test_dependency_deprecations_are_hidden_and_this_projects_warnings_are_not()
         warnings.warn_explicit("`x` is deprecated", DeprecationWarning, "lib.py", 1, module="lightning.pytorch.x")
         warnings.warn_explicit("a real problem", UserWarning, "stage.py", 1, module="pipeline.stage")
     assert [str(w.message) for w in caught] == ["a real problem"]
+
+
+def test_transformers_logged_deprecation_notices_are_dropped_and_its_other_lines_kept():
+    import logging
+
+    import transformers  # noqa: F401  (the filter goes on its handler once it is imported)
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.console import quiet_library_progress
+
+    quiet_library_progress()
+    quiet_library_progress()                                   # idempotent: one filter per handler
+    handlers = hf_logging._get_library_root_logger().handlers
+    assert handlers and all(len(h.filters) == len(set(map(type, h.filters))) for h in handlers)
+
+    def shown(message: str) -> bool:
+        record = logging.LogRecord("transformers.models.llama", logging.WARNING, __file__, 1, message, None, None)
+        return all(h.filter(record) for h in handlers)
+
+    assert not shown("`past_key_values`/`cache_params` are deprecated. Use `cache` instead.")
+    assert shown("Some weights of the model checkpoint were not used")

@@ -170,3 +170,25 @@ def test_a_crash_leaves_no_half_written_output(smoke_chain, in_tmp, monkeypatch)
         run_stage("prepare", "seed=7")
     assert digest(in_tmp / "data" / "prepare") == before
     assert [p.name for p in (in_tmp / "data").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_training_run_carries_its_plots_a_curves_picture_and_sample_answers_as_artifacts(sft_chain):
+    """MLflow's artifact view of a training stage: its plot files, the curves drawn as one PNG, and a table of
+    held-out prompts answered by the trained model (prompt, reference, response)."""
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipeline.training import SAMPLES
+
+    client = MlflowClient(f"sqlite:///{sft_chain / 'mlruns' / 'mlflow.db'}")
+    run_id = json.loads((sft_chain / "data" / "sft" / "run.json").read_text())["run_id"]
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/loss.json", "plots/val_loss.json", "plots/curves.png"}
+    picture = Image.open(client.download_artifacts(run_id, "plots/curves.png"))
+    assert picture.width > 300 and len(set(picture.convert("L").getdata())) > 10   # drawn, not blank
+    samples = json.loads(Path(client.download_artifacts(run_id, "samples.json")).read_text())
+    assert samples["columns"] == ["prompt", "reference", "response", "finished"] and len(samples["data"]) == SAMPLES
+    val = load_jsonl(sft_chain / "data" / "prepare" / "val.jsonl")[:SAMPLES]
+    assert [row[1] for row in samples["data"]] == [r["messages"][-1]["content"] for r in val]
+    assert all(val[i]["messages"][-2]["content"] in row[0] for i, row in enumerate(samples["data"]))
+    assert any(row[2] for row in samples["data"])                            # the model answered something
