@@ -96,7 +96,8 @@ def stage_yaml(stage: Stage, cfg: DictConfig) -> list[str]:
     lines = [f"  {stage.name}:", f"    cmd: python -m pipeline.run --params params.yaml stage={stage.name}", "    deps:"]
     lines += [f"      - {path}" for path in code_deps(stage)]
     for spec in stage.inputs:
-        lines.append(f"      - {data}/{spec.path}" + (f"  # {spec.note}" if spec.note else ""))
+        path = f"{data}/{spec.path}" if spec.in_data else spec.path
+        lines.append(f"      - {path}" + (f"  # {spec.note}" if spec.note else ""))
     lines += ["    params:", *(f"      - {key}" for key in stage.dvc_params(cfg))]
     # Timings (paths.timings) are no output: they differ on every run, so as one they would make a rerun that
     # wrote the same model look changed (and as a cache:false out they would turn DVC's run cache off).

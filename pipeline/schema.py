@@ -16,6 +16,10 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+# The stand-in DVC dep of an input a config choice does not read, under paths.data (pipeline.stage.Input): a
+# committed file that never changes, so editing what that choice does not read leaves the stage up to date.
+UNREAD = "UNREAD.md"
+
 STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate")
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo")
 JUDGES = ("verifier", "function", "llm", "human")
@@ -250,6 +254,8 @@ class PpoStageConfig(OnlineStageConfig):
 @dataclass
 class GrpoStageConfig(OnlineStageConfig):
     reward: str = choice("verifier", "preference", "model")
+    reward_inputs: Dict[str, str] = field(default_factory=dict)  # reward -> what it reads under paths.data
+    reward_input: str = MISSING  # derived: reward_inputs[reward] (dvc.yaml's dep)
     group_size: int = bounded(2)
     kl_coef: float = bounded(0.0)
     scale_advantages: bool = True
@@ -282,6 +288,7 @@ class JudgeConfig:
     labels_file: Optional[str] = None
     conflict: str = choice("majority", "unanimous", default="majority")
     guidelines: Optional[str] = None  # the labelling page's Markdown guidelines (human judge; not read by collect)
+    reads: str = MISSING  # derived: the file collect reads for this judge (its DVC dep), or the stand-in
 
 
 @dataclass
@@ -428,6 +435,13 @@ def _check_rules(cfg: DictConfig) -> None:
     needs = {"function": "function", "llm": "template", "human": "labels_file"}.get(judge.name)
     if needs and not judge.get(needs):
         raise ConfigError(f"config key 'judge.{needs}' needs a value for judge.name = {judge.name!r}")
+    derived = (("judge.reads", judge.reads, judge.labels_file if judge.name == "human" else f"{cfg.paths.data}/{UNREAD}"),
+               ("grpo.reward_input", cfg.grpo.reward_input, "reward" if cfg.grpo.reward == "model" else UNREAD))
+    for key, value, expected in derived:
+        if value != expected:
+            raise ConfigError(f"config key '{key}' = {value!r} must be {expected!r} here: it is derived from the choice "
+                              "it depends on (the DVC dep of what that choice reads); leave it unset, and regenerate "
+                              "params.yaml with `python -m pipeline.compose` after editing conf/")
     if judge.name == "llm" and (not judge.labels or len(judge.labels) != 2):
         raise ConfigError(f"config key 'judge.labels' must list two labels for the llm judge, got {judge.labels}")
     unknown = sorted(set(cfg.evaluate.variants) - set(VARIANTS))

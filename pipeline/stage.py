@@ -47,15 +47,20 @@ class ContractError(RuntimeError):
 
 @dataclass(frozen=True)
 class Input:
-    """An input of a stage, ``path`` relative to ``paths.data`` (``${key}`` is resolved from the config, as
-    DVC resolves it from ``params.yaml``). ``dataset``: also an MLflow dataset of the run. ``conditional``:
-    read only under some config choices; a DVC dep always, recorded by the stage itself when it reads it."""
+    """An input of a stage, ``path`` relative to ``paths.data`` (or to the project root with ``in_data=False``);
+    ``${key}`` is resolved from the config, as DVC resolves it from ``params.yaml``. ``dataset``: also an MLflow
+    dataset of the run. ``conditional``: read only under some config choices, recorded by the stage itself
+    when it reads it. A DVC dep is a path, so a conditional input whose path is a config key can name
+    :data:`pipeline.schema.UNREAD` under the choices that do not read it (``judge.reads``, ``grpo.reward_input``): a file that
+    never changes, so editing what such a choice does not read leaves the stage up to date."""
 
     name: str
     path: str
     dataset: bool = False
     conditional: bool = False
     note: str = ""  # why, when it is not obvious (a comment in dvc.yaml)
+    in_data: bool = True
+
 
 
 @dataclass(frozen=True)
@@ -199,10 +204,11 @@ def view(stage: Stage, cfg: DictConfig) -> DictConfig:
     return out
 
 
-def resolve_path(cfg: DictConfig, path: str) -> Path:
-    """``paths.data/<path>`` with ``${key}`` interpolations resolved from ``cfg`` (DVC's syntax for params)."""
+def resolve_path(cfg: DictConfig, path: str, in_data: bool = True) -> Path:
+    """``paths.data/<path>`` (or ``<path>`` with ``in_data=False``) with ``${key}`` interpolations resolved from
+    ``cfg`` (DVC's syntax for params)."""
     resolved = re.sub(r"\$\{([^}]+)\}", lambda m: str(OmegaConf.select(cfg, m.group(1))), path)
-    return Path(cfg.paths.data) / resolved
+    return Path(cfg.paths.data) / resolved if in_data else Path(resolved)
 
 
 # Metric names that measure the machine, not the model: wall time, throughput, latency.
@@ -268,7 +274,7 @@ def execute(stage: Stage, cfg: DictConfig) -> dict:
     with stage_run(seen, stage.name) as run:
         inputs, digests = {}, {}
         for spec in stage.inputs:
-            path = resolve_path(cfg, spec.path)
+            path = resolve_path(cfg, spec.path, spec.in_data)
             if spec.conditional:
                 inputs[spec.name] = path
                 continue

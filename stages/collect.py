@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 STAGE = Stage(
     name="collect",
     inputs=(Input("prepare", "prepare", dataset=True), Input("sft", "sft"),
-            Input("labels", "labels", conditional=True, note="read with judge=human")),
+            Input("labels", "${judge.reads}", conditional=True, in_data=False,
+                  note="judge=human: its labels_file; any other judge: data/UNREAD.md")),
     params=("judge", *LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
     plots=(Plot("lengths.csv"),),
     charts=(Chart("chosen vs rejected response length", "linear", x="characters",

@@ -36,7 +36,7 @@ from pipeline.online import OnlineModule, Reference, Rollout, Scorer, online_sta
 from pipeline.stage import Context
 
 # The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
-STAGE = online_stage("grpo", reward_always=False, note="read only with grpo.reward=model")
+STAGE = online_stage("grpo", reward_always=False, note="data/reward with grpo.reward=model, else the stand-in data/UNREAD.md")
 
 
 class GRPOModule(OnlineModule):

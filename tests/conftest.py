@@ -13,7 +13,7 @@ import pytest
 import pipeline  # noqa: F401  (telemetry off)
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("conf", "pipeline", "stages", "data/labels", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+PROJECT_FILES = ("conf", "pipeline", "stages", "data/labels", "data/UNREAD.md", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 
 
 def compose(*overrides: str):

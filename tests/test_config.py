@@ -164,3 +164,20 @@ def test_the_posttrain_script_helps_runs_from_the_project_root_and_says_when_it_
     assert composed.returncode == 0 and "lr: 0.0042" in composed.stdout
     outside = subprocess.run([script, "run", "stage=sft"], cwd=tmp_path, capture_output=True, text=True)
     assert outside.returncode == 2 and "run posttrain from the project root" in outside.stderr
+
+
+def test_the_inputs_a_choice_reads_are_derived_from_the_choice_and_a_contradicting_edit_is_refused():
+    from pipeline.compose import compose as hydra_compose
+    from pipeline.stage import resolve_path
+
+    cfg = compose()
+    assert cfg.judge.reads == "data/UNREAD.md" and cfg.grpo.reward_input == "UNREAD.md"
+    cfg = compose("judge=human", "grpo.reward=model")
+    assert cfg.judge.reads == cfg.judge.labels_file and cfg.grpo.reward_input == "reward"
+    assert resolve_path(cfg, "${grpo.reward_input}") == Path("data/reward")
+    assert resolve_path(cfg, "${judge.reads}", in_data=False) == Path("data/labels/human.jsonl")
+    raw = hydra_compose(["grpo.reward=model"])
+    raw.grpo.reward_input = "UNREAD.md"                       # a hand edit of params.yaml
+    with pytest.raises(ConfigError, match="config key 'grpo.reward_input' = 'UNREAD.md' must be 'reward'"):
+        validate(raw)
+    assert (Path(__file__).parent.parent / "data" / "UNREAD.md").is_file()   # the stand-in DVC dep exists

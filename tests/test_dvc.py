@@ -30,7 +30,7 @@ READERS = {
     "prepare": {"sft", "collect", "quantize", "evaluate"},  # ppo and grpo read only prepare's prompts.jsonl
     "sft": {"collect", "reward", "dpo", "ppo", "grpo", "evaluate"},
     "collect": set(),  # reward and dpo read only its pairs.jsonl (below), not the folder
-    "reward": {"ppo", "grpo", "evaluate"},
+    "reward": {"ppo", "evaluate"},  # grpo too with grpo.reward=model (test_an_input_a_choice_does_not_read...)
     "dpo": {"quantize", "evaluate"},
     "ppo": {"evaluate"},
     "grpo": {"evaluate"},
@@ -161,8 +161,33 @@ def test_shared_parameters_judges_and_labels_invalidate_what_reads_them(project)
     assert stale_after("judge.batch_size", 32) == {"collect"}      # who judges is collect's business only
     assert stale_after("logger.experiment", "elsewhere") == set()  # read by no stage as a parameter
     assert stale_after("trainer.progress_bar", False) == set()
-    (project / "data" / "labels" / "new.jsonl").write_text("")      # new human labels
+
+
+def test_an_input_a_choice_does_not_read_is_no_dependency_of_that_choice(project):
+    """Labels matter to collect only under judge=human, the reward model to grpo only with grpo.reward=model:
+    otherwise their DVC dep is the stand-in data/UNREAD.md, and changing them leaves the stage up to date."""
+    labels = project / "data" / "labels" / "human.jsonl"
+    reward_extra = project / "data" / "reward" / "extra.txt"
+    labels.write_text('{"prompt_id": "p", "response_a": "1", "response_b": "2", "choice": "a", "annotator": "x"}\n')
+    reward_extra.write_text("a retrained reward model\n")
+    assert changed_stages(project) == {"ppo", "evaluate"}           # judge=function, grpo.reward=verifier
+    reward_extra.unlink()
+    params = (project / "params.yaml").read_text()
+    set_param(project, "judge", {"name": "human", "labels_file": "data/labels/human.jsonl", "conflict": "majority",
+                                 "reads": "data/labels/human.jsonl"})
+    set_param(project, "grpo.reward", "model")
+    set_param(project, "grpo.reward_input", "reward")
+    sh("git", "commit", "-qam", "judge=human, grpo.reward=model", cwd=project)
+    sh("dvc", "commit", "-f", "collect", "grpo", cwd=project)       # as if they had run with these choices
+    assert changed_stages(project) == set()
+    labels.write_text(labels.read_text() + labels.read_text())       # one more label
     assert changed_stages(project) == {"collect"}
+    reward_extra.write_text("a retrained reward model\n")
+    assert changed_stages(project) == {"collect", "ppo", "grpo", "evaluate"}
+    set_param(project, "grpo.reward_input", "UNREAD.md")              # a hand edit that breaks the derivation
+    proc = sh(sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=grpo", cwd=project, check=False)
+    assert proc.returncode == 2 and "config key 'grpo.reward_input' = 'UNREAD.md' must be 'reward'" in proc.stderr
+    (project / "params.yaml").write_text(params)
 
 
 def test_one_parameter_reruns_its_stage_and_what_follows_never_what_precedes(project):
