@@ -235,7 +235,8 @@ def _hydra_main():
         sys.exit(2)
 
     try:
-        check_overrides(sys.argv[1:], conf)
+        if not {"-sc", "--shell-completion"} & set(sys.argv[1:]):  # `-sc install=bash` is Hydra's, not an override
+            check_overrides(sys.argv[1:], conf)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -273,6 +274,18 @@ config groups (key=option): {groups}
 """
 
 
+def completion_line_without_run() -> None:
+    """Hydra's tab completion reads the command line from ``COMP_LINE`` (``eval "$(posttrain -sc install=bash)"``
+    sets it up); in ``posttrain run stage=...`` the ``run`` word is this script's, not an override, so it is
+    taken out (and ``COMP_POINT`` moved back) before Hydra parses the line."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split(" ")
+    if len(words) > 2 and words[1] == "run":
+        os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+        point = int(os.environ.get("COMP_POINT", len(line)))
+        os.environ["COMP_POINT"] = str(max(len(words[0]), point - len(" run")))
+
+
 def help_text(root: Path | None = None) -> str:
     """The ``posttrain --help`` text: commands, the stages, and the config groups of ``root``'s conf/."""
     from pipeline.stage import stage_names
@@ -293,6 +306,8 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["run"]:  # `posttrain run ...` = `python -m pipeline.run ...`
         del sys.argv[1]
+    if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+        completion_line_without_run()
     if os.environ.get("DVC_ROOT"):  # a stage of `dvc repro`: it stops when dvc is killed, not runs on orphaned
         from pipeline.env import die_with_parent
 

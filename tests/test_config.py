@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +184,23 @@ def test_the_inputs_a_choice_reads_are_derived_from_the_choice_and_a_contradicti
     with pytest.raises(ConfigError, match="config key 'grpo.reward_input' = 'UNREAD.md' must be 'reward'"):
         validate(raw)
     assert (Path(__file__).parent.parent / "data" / "UNREAD.md").is_file()   # the stand-in DVC dep exists
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_tab_completion_of_the_posttrain_script_completes_groups_and_keys_in_bash():
+    """`eval "$(posttrain -sc install=bash)"` installs Hydra's completion for the script; a real bash then asks
+    it for candidates the way the shell does on Tab (COMP_LINE/COMP_POINT/COMP_CWORD), `run` word included."""
+    bindir = Path(sys.executable).parent
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        script = (f'eval "$(posttrain -sc install=bash)"; COMP_LINE={shlex.quote(line)}; COMP_POINT={len(line)}; '
+                  f'COMP_CWORD={len(words) - 1}; hydra_bash_completion; printf "%s\\n" "${{COMPREPLY[@]}}"')
+        env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+        done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return sorted(done.stdout.split())
+
+    assert complete("posttrain run judge=") == ["judge=function", "judge=human", "judge=llm", "judge=verifier"]
+    assert complete("posttrain run stage=sft dpo.be") == ["dpo.beta="]
+    assert complete("posttrain peft=lo") == ["peft=loha", "peft=lokr", "peft=lora"]
