@@ -384,8 +384,8 @@ def marked(metrics: dict, key: str, pattern: str) -> str:
     return cell(metrics, key, pattern) + star
 
 
-def render_markdown(results: dict, generations: list[dict]) -> str:
-    """The same table and samples as Markdown (for terminals and code review)."""
+def render_markdown(results: dict, generations: list[dict], hacking: dict | None = None) -> str:
+    """The same tables, reward-hacking flags and a few samples as Markdown (for terminals and code review)."""
     names = list(results)
     lines = ["# Evaluation", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label, pattern in TABLE:
@@ -396,7 +396,15 @@ def render_markdown(results: dict, generations: list[dict]) -> str:
     for n in names:
         if n != "sft" and "test/accuracy_vs_sft" in results[n]:
             lines.append(f"| {n} | " + " | ".join(marked(results[n], k, p) for k, _, p in DIFFERENCES) + " |")
-    lines += ["", "## Sample generations", ""]
+    lines += ["", "## Accuracy per task family (95% interval)", "", "| family (prompts) | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for family, count in families(generations).items():
+        lines.append(f"| {family} ({count}) | " + " | ".join(cell(results[n], f"test/accuracy_{family}", "{:.1%}")
+                                                             for n in names) + " |")
+    if hacking is not None:
+        lines += ["", "## Reward-hacking check", ""]
+        lines += [f"- WARNING: {flag}" for flag in hacking["flags"]] or ["- no flag"]
+    lines += ["", "## Sample generations (the HTML report has every test prompt)", ""]
     for answers in sample_rows(generations, names):
         first = next(iter(answers.values()))
         lines += [f"**{first['prompt']}** (gold: `{first['gold']}`)", ""]

@@ -162,7 +162,7 @@ def run(ctx: Context) -> dict:
         child.finish()
     plots = ctx.plots.parent  # the report embeds every stage's curves
     write_atomic(ctx.output / "generations.jsonl", "".join(json.dumps(g, sort_keys=True) + "\n" for g in generations))
-    write_atomic(ctx.output / "report.md", report.render_markdown(results, generations))
+    write_atomic(ctx.output / "report.md", report.render_markdown(results, generations, hacking))
     write_atomic(ctx.output / "report.html", report.render_html(results, generations, plots, extra_sections(ctx),
                                                                 provenance(ctx), hacking))
     write_accuracy_plot(results, ctx.plots / "accuracy.csv")

@@ -252,7 +252,8 @@ def run(ctx: Context) -> dict:
 
 
 def write_methods_plot(results: dict, path: Path) -> None:
-    """Linear-weight size ratio, accuracy and forward latency per method, for ``dvc plots``."""
-    lines = ["method,linear_ratio,accuracy,forward_ms"]
-    lines += [f"{name},{m['size/linear_ratio']},{m['test/accuracy']},{m['speed/forward_ms']}" for name, m in results.items()]
+    """Linear-weight size ratio and accuracy per method, for ``dvc plots``. No timing column: a plot file is
+    compared across commits, and the machine's speed (``data/timings/quantize.json``, MLflow) differs every run."""
+    lines = ["method,linear_ratio,accuracy"]
+    lines += [f"{name},{m['size/linear_ratio']},{m['test/accuracy']}" for name, m in results.items()]
     write_atomic(path, "\n".join(lines) + "\n")
