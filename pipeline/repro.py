@@ -99,7 +99,7 @@ def main() -> None:
         client.log_text(parent, metrics.stdout, "dvc_metrics.json")
     client.set_terminated(parent, status="FINISHED" if code == 0 else "FAILED")
     print(f"MLflow parent run {parent} ({'FINISHED' if code == 0 else 'FAILED'}): "
-          f"python -m pipeline.lineage evaluate  |  mlflow ui --backend-store-uri {tracking_uri(cfg)}")
+          f"python -m pipeline.lineage evaluate  |  posttrain ui (the runs table of {tracking_uri(cfg)})")
     sys.exit(code)
 
 

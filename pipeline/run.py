@@ -266,6 +266,7 @@ usage (from the project root):
   posttrain run --params params.yaml stage=<stage>      what dvc.yaml runs: the composed snapshot
   posttrain run stage=<stage> --cfg job                 print the composed config of a run, without running it
   python -m pipeline.repro                             the whole chain: dvc repro inside one MLflow parent run
+  posttrain ui [--port 5000]                           the MLflow UI on 127.0.0.1, opened on the runs table
   python -m pipeline.lineage <stage | run id>          the runs and data behind an output
   python -m pipeline.costs                             wall time, memory and throughput per stage
 
@@ -304,6 +305,10 @@ def main() -> None:
     if sys.argv[1:2] in (["--help"], ["-h"], []):
         print(help_text())
         return
+    if sys.argv[1:2] == ["ui"]:  # `posttrain ui` = `python -m pipeline.ui`
+        from pipeline.ui import main as ui_main
+
+        return ui_main(sys.argv[2:])
     if sys.argv[1:2] == ["run"]:  # `posttrain run ...` = `python -m pipeline.run ...`
         del sys.argv[1]
     if {"-sc", "--shell-completion"} & set(sys.argv[1:]):

@@ -2,11 +2,11 @@
 
     python -m pipeline.screenshots            # after `make pipeline`; writes docs/*.png
 
-Starts the MLflow UI on a free port of 127.0.0.1 over the project's store (``mlruns/mlflow.db``), and
+Starts the MLflow UI (:mod:`pipeline.ui`) on a free port of 127.0.0.1 over the project's store (``mlruns/mlflow.db``), and
 photographs: the runs table the experiment opens on (``mlflow_runs.png``), a training curve (sft's
 ``train/loss`` per step, ``mlflow_curve.png``), the compare view of evaluate's variant runs
 (``mlflow_compare.png``), the offline ``dvc plots show`` page (``dvc_plots.png``) and the report's metrics with
-their intervals and differences (``report.png``). Each page is waited for until its content is drawn, so
+their intervals and differences (``report.png``), and the labelling page on collect's samples (``label.png``). Each page is waited for until its content is drawn, so
 a screenshot never shows a spinner; a page that never draws stops the script with its name.
 """
 
@@ -14,48 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.browser import browser_page
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mlflow_ui(store: Path) -> Iterator[str]:
-    """The MLflow UI over ``store`` on 127.0.0.1 (a free port); yields its base URL; stopped on exit."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("mlflow server exited") from None
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("mlflow server did not start in 120 s")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+from pipeline.ui import mlflow_server, runs_url
 
 
 def shoot_mlflow(url: str, store: Path, docs: Path) -> None:
@@ -68,8 +32,11 @@ def shoot_mlflow(url: str, store: Path, docs: Path) -> None:
     evaluate = json.loads(Path("data/evaluate/run.json").read_text())["run_id"]
     variants = [r.info.run_id for r in client.search_runs([eid], f"tags.mlflow.parentRunId = '{evaluate}'")]
     with browser_page(1440, 900) as page:
-        page.goto(f"{url}/#/experiments/{eid}")
-        page.wait_for_selector("text=evaluate-", timeout=120_000)  # the runs table, with the stage runs
+        page.goto(runs_url(url, eid))
+        page.wait_for_selector("text=dvc-repro", timeout=120_000)  # the runs table
+        close_assistant(page)
+        page.locator(".ag-row button").first.click()                # unfold the newest repro run: its stage runs
+        page.wait_for_selector("text=evaluate-", timeout=60_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(docs / "mlflow_runs.png"))
         page.goto(f"{url}/#/metric?runs={json.dumps([sft])}&metric=%22train%2Floss%22&experiments={json.dumps([eid])}"
@@ -81,6 +48,14 @@ def shoot_mlflow(url: str, store: Path, docs: Path) -> None:
         page.wait_for_selector("text=variant.source", timeout=120_000)
         page.wait_for_timeout(2500)
         page.screenshot(path=str(docs / "mlflow_compare.png"), full_page=False)
+
+
+def close_assistant(page) -> None:
+    """Close MLflow's assistant side panel, when it is open, so the runs get the width."""
+    close = page.locator("button[aria-label='Close']")
+    if close.count():
+        close.first.click()
+        page.wait_for_timeout(500)
 
 
 def shoot_dvc_plots(docs: Path) -> None:
@@ -102,6 +77,30 @@ def shoot_report(docs: Path) -> None:
         page.screenshot(path=str(docs / "report.png"), full_page=False)
 
 
+def shoot_label(docs: Path) -> None:
+    """The labelling page on collect's samples, with its guidelines, after one label (its confirmation shown);
+    the label goes to a throwaway file, not to data/labels/."""
+    import threading
+
+    from pipeline.label import serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = serve("data/collect/samples.jsonl", Path(tmp) / "labels.jsonl", port=0,
+                       guidelines="conf/judge/guidelines.md")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with browser_page(1280, 900) as page:
+                page.add_init_script("localStorage.setItem('posttrain.annotator', 'ana')")
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+                page.wait_for_selector("#progress:has-text('0 / ')")
+                page.keyboard.press("1")
+                page.wait_for_selector("#confirm:has-text('Recorded')")
+                page.screenshot(path=str(docs / "label.png"))
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Take the README's screenshots from the chain's results.")
     parser.add_argument("--docs", default="docs", help="where the PNG files go")
@@ -109,11 +108,13 @@ def main() -> None:
     args = parser.parse_args()
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    with mlflow_ui(Path(args.store).resolve()) as url:
+    with mlflow_server(f"sqlite:///{Path(args.store).resolve()}") as url:
         shoot_mlflow(url, Path(args.store).resolve(), docs)
     shoot_dvc_plots(docs)
     shoot_report(docs)
-    print(f"screenshots in {docs}/: mlflow_runs.png mlflow_curve.png mlflow_compare.png dvc_plots.png report.png")
+    shoot_label(docs)
+    print(f"screenshots in {docs}/: mlflow_runs.png mlflow_curve.png mlflow_compare.png dvc_plots.png report.png "
+          "label.png")
 
 
 if __name__ == "__main__":
