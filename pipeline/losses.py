@@ -107,6 +107,30 @@ def orpo(lp: PairLogps, s: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
     return -c_avg - s.orpo_lambda * F.logsigmoid(log_odds), s.beta * c_avg, s.beta * r_avg
 
 
+def kto(policy: Tensor, reference: Tensor, desirable: Tensor, kl_policy: Tensor, kl_reference: Tensor, beta: float,
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eqs. 7-8), for
+    *unpaired* feedback: each completion is only labelled desirable or undesirable.
+
+    With the implied reward r = log pi(y|x) - log ref(y|x) (summed over completion tokens) and the reference
+    point z0 = KL(pi || ref), estimated on the batch from *mismatched* prompt/completion pairs (each prompt
+    with another row's completion, so it measures how far the policy drifted in general, not on this
+    answer) as mean(pi - ref), detached and clamped at 0 (sec. 4.1), the value is
+    v = lambda_D sigmoid(beta (r - z0)) for a desirable completion and lambda_U sigmoid(beta (z0 - r)) for
+    an undesirable one, and the loss is lambda_y - v: ``desirable_weight`` (lambda_D) and ``undesirable_weight``
+    (lambda_U) weigh the two kinds (the paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
+
+    Args: summed completion log-probs ``policy`` and ``reference`` (shape: rows), ``desirable`` (bool, rows),
+    and the same sums over the mismatched pairs ``kl_policy`` / ``kl_reference``.
+    Returns (per-row loss, per-row implied reward beta * r, the reference point z0).
+    """
+    z0 = (kl_policy - kl_reference).mean().detach().clamp(min=0)
+    logratio = policy - reference
+    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio))))
+    return loss, beta * logratio.detach(), z0
+
+
 LossFn = Callable[[PairLogps, LossSettings], tuple[Tensor, Tensor, Tensor]]
 LOSSES: dict[str, LossFn] = {  # keys: pipeline.schema.DPO_LOSSES
     "sigmoid": dpo_sigmoid, "conservative": conservative, "ipo": ipo, "hinge": hinge, "rpo": rpo,

@@ -206,3 +206,54 @@ def test_dpo_continues_a_prompt_learning_sfts_virtual_tokens_and_other_stages_re
         run_stage("dpo", "dpo.max_steps=1")
     with pytest.raises(ConfigError, match="prompt_tuning adapter.*online alignment needs weights"):
         run_stage("grpo", "grpo.iterations=1")
+
+
+def test_kto_loss_matches_trl_kto_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path):
+    """KTO (pipeline.losses.kto) against trl's KTOTrainer: the same unpaired rows, TRL's own collated batch
+    (completions and the mismatched KL completions), our log-prob sums and loss; equal to 1e-5."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from pipeline.losses import kto, response_logps
+    from pipeline.models import load_causal_lm
+
+    model, tok, folder = tiny_policy
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": answer}],
+             "label": good} for q, c, r in PAIRS for answer, good in ((c, True), (r, False))][:5]  # 3 good, 2 bad
+    args = KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), beta=0.3, desirable_weight=1.0,
+                     undesirable_weight=1.3, bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True,
+                     disable_dropout=True, max_length=None)
+    reference = load_causal_lm(folder).eval()
+    trainer = KTOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    model.eval()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, batch)
+
+        def sums(net, ids, mask, completion):
+            return response_logps(net(input_ids=ids, attention_mask=mask).logits, ids, completion)[0]
+
+        main = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        mismatched = (batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+        desirable = torch.as_tensor(batch["label"], dtype=torch.bool)
+        losses, rewards, z0 = kto(sums(model, *main), sums(reference, *main), desirable, sums(model, *mismatched),
+                                  sums(reference, *mismatched), beta=0.3, desirable_weight=1.0, undesirable_weight=1.3)
+    assert abs(losses.mean().item() - theirs.item()) < 1e-5
+    assert desirable.sum() == 3 and rewards.abs().max() > 0        # policy and reference really differ
+    assert z0 > 0                                                  # the reference point is not the clamp
+
+
+def test_kto_by_hand_reference_point_weights_and_clamp():
+    from pipeline.losses import kto
+
+    policy, reference = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])     # log-ratios +0.5, -1.0
+    good = torch.tensor([True, False])
+    loss, reward, z0 = kto(policy, reference, good, torch.tensor([-3.0, -2.0]), torch.tensor([-3.2, -2.4]), beta=2.0,
+                           desirable_weight=1.0, undesirable_weight=0.5)
+    assert z0.item() == pytest.approx(0.3)                          # mean of (0.2, 0.4)
+    assert loss[0].item() == pytest.approx(1 - torch.sigmoid(torch.tensor(2.0 * (0.5 - 0.3))).item())
+    assert loss[1].item() == pytest.approx(0.5 * (1 - torch.sigmoid(torch.tensor(2.0 * (0.3 + 1.0))).item()))
+    assert reward.tolist() == pytest.approx([1.0, -2.0])
+    _, _, z0 = kto(policy, reference, good, torch.tensor([-3.0]), torch.tensor([-2.0]), beta=2.0)
+    assert z0.item() == 0.0                                          # a negative KL estimate is clamped to 0
