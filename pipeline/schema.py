@@ -186,6 +186,12 @@ class CollectStageConfig:
     pairs: str = choice("best_worst", "all_distinct", "random")
     max_pairs_per_prompt: int = bounded(1)
     drop_unfinished: bool = True
+    source: str = choice("policy", "files", default="policy")
+    files: Optional[str] = None
+    format: str = choice("auto", "jsonl", "parquet", "hf", default="auto")
+    on_bad_row: str = choice("error", "skip", default="error")
+    reads_by_source: Dict[str, Optional[str]] = field(default_factory=dict)  # source -> what it reads
+    reads: Optional[str] = MISSING  # derived: reads_by_source[source] (dvc.yaml's dep)
 
 
 @dataclass
@@ -435,7 +441,12 @@ def _check_rules(cfg: DictConfig) -> None:
     needs = {"function": "function", "llm": "template", "human": "labels_file"}.get(judge.name)
     if needs and not judge.get(needs):
         raise ConfigError(f"config key 'judge.{needs}' needs a value for judge.name = {judge.name!r}")
+    if cfg.collect.source == "files" and not cfg.collect.files:
+        raise ConfigError("config key 'collect.files' needs a value for collect.source = 'files' (a preference file or "
+                          "folder; formats: README, 'Your own feedback')")
     derived = (("judge.reads", judge.reads, judge.labels_file if judge.name == "human" else f"{cfg.paths.data}/{UNREAD}"),
+               ("collect.reads", cfg.collect.reads,
+                cfg.collect.files if cfg.collect.source == "files" else f"{cfg.paths.data}/{UNREAD}"),
                ("grpo.reward_input", cfg.grpo.reward_input, "reward" if cfg.grpo.reward == "model" else UNREAD))
     for key, value, expected in derived:
         if value != expected:

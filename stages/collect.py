@@ -18,7 +18,11 @@ unfinished samples (no end token) too when ``collect.drop_unfinished``, and at m
 ``collect.max_pairs_per_prompt`` pairs come from one prompt. A prompt whose samples all tie is counted,
 not an error.
 
-Inputs: ``data/prepare/prompts.jsonl``, ``data/sft`` (the policy), ``data/labels/`` (for ``judge=human``);
+``collect.source=files`` reads the user's preference rows from ``collect.files`` instead (every format of
+:mod:`pipeline.feedback`, checked row by row), into the same pairs and statistics (:func:`from_files`).
+
+Inputs: ``data/prepare/prompts.jsonl``, ``data/sft`` (the policy; with files, its tokenizer and context length),
+``judge.labels_file`` (for ``judge=human``), ``collect.files`` (for ``collect.source=files``);
 ``collect.*``, ``judge.*``, ``seed``.
 Outputs: ``data/collect/`` (``pairs.jsonl``: prompt, chosen, rejected, both scores, judge, sampling
 settings, the policy's run id; ``samples.jsonl``: every sample with its score, for labelling;
@@ -33,7 +37,6 @@ import json
 import logging
 import random
 import time
-from itertools import combinations
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.adapters import load_trained
 from pipeline.chat import InputError, prompt_of, read_prompts
+from pipeline.feedback import make_pairs
 from pipeline.generation import generate
 from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
 from pipeline.models import LOAD_KEYS, load_tokenizer, render_ids
@@ -58,7 +62,9 @@ STAGE = Stage(
     name="collect",
     inputs=(Input("prepare", "prepare", dataset=True), Input("sft", "sft"),
             Input("labels", "${judge.reads}", conditional=True, in_data=False,
-                  note="judge=human: its labels_file; any other judge: data/UNREAD.md")),
+                  note="judge=human: its labels_file; any other judge: data/UNREAD.md"),
+            Input("feedback", "${collect.reads}", conditional=True, in_data=False,
+                  note="collect.source=files: collect.files; sampling: data/UNREAD.md")),
     params=("judge", *LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
     plots=(Plot("lengths.csv"),),
     charts=(Chart("chosen vs rejected response length", "linear", x="characters",
@@ -116,32 +122,6 @@ def sample(model, tokenizer, rows: list[dict], cfg: DictConfig) -> tuple[list[di
     return [item for batch in batches for item in batch], module.tokens_per_second
 
 
-def make_pairs(texts: list[str], scores: list[float | None], usable: list[bool], strategy: str, cap: int,
-               rng: random.Random) -> tuple[list[tuple[int, int]], int, int]:
-    """Pairs (chosen index, rejected index) of one prompt's samples; also (candidate pairs, tied pairs).
-
-    Candidates are two usable, judged samples with different texts (a text sampled twice counts once);
-    a tie (equal scores) is never a pair.
-    """
-    first: dict[str, int] = {}
-    for i, (text, score) in enumerate(zip(texts, scores, strict=True)):
-        if score is not None and usable[i]:
-            first.setdefault(text, i)
-    keep = list(first.values())
-    candidates = list(combinations(keep, 2))
-    distinct = [(i, j) if scores[i] > scores[j] else (j, i) for i, j in candidates if scores[i] != scores[j]]
-    ties = len(candidates) - len(distinct)
-    if strategy == "best_worst" and distinct:
-        top, bottom = max(scores[i] for i in keep), min(scores[i] for i in keep)
-        distinct = [(c, r) for c, r in distinct if scores[c] == top and scores[r] == bottom]
-        rng.shuffle(distinct)
-    elif strategy == "random":
-        rng.shuffle(distinct)
-    else:  # all_distinct: largest score gap first
-        distinct.sort(key=lambda p: (scores[p[1]] - scores[p[0]], p))
-    return distinct[:cap], len(candidates), ties
-
-
 def build_pairs(collected: list[dict], scores: list[list[float | None]], judge: Judge, cfg: DictConfig,
                 policy_run_id: str | None) -> tuple[list[dict], dict[str, float]]:
     """Preference pairs of every prompt, and the pairing statistics."""
@@ -192,6 +172,46 @@ def build_pairs(collected: list[dict], scores: list[list[float | None]], judge: 
     return pairs, stats
 
 
+def from_files(ctx: Context) -> dict:
+    """Pairs from ``collect.files`` (:mod:`pipeline.feedback`: every accepted format, checked row by row), in the
+    same ``pairs.jsonl`` layout and with the same statistics as sampled pairs; a pair longer than the SFT
+    model's context (its ``max_position_embeddings``) is dropped and counted."""
+    from transformers import AutoConfig
+
+    from pipeline.feedback import read_feedback, to_pairs
+
+    cfg, c = ctx.cfg, ctx.cfg.collect
+    ctx.run.add_input("feedback", c.files)
+    rows, skipped = read_feedback(c.files, c.format, c.on_bad_row)
+    pairs, stats = to_pairs(rows, c.pairs, c.max_pairs_per_prompt, cfg.seed)
+    tokenizer = load_tokenizer(ctx.input("sft"), cfg.model)
+    config = AutoConfig.from_pretrained(ctx.input("sft"), trust_remote_code=cfg.model.trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    fits = [p for p in pairs if context is None or max(
+        len(render_ids(tokenizer, p["messages"] + [{"role": "assistant", "content": p[side]}]))
+        for side in ("chosen", "rejected")) <= context]
+    if not fits:
+        raise InputError(f"{c.files}: no preference pair in {stats['file_rows']} rows "
+                         f"({sum(skipped.values())} malformed, {len(pairs) - len(fits)} longer than the model's "
+                         f"context of {context} tokens)")
+    prompts = len({p["prompt_id"] for p in fits})
+    out = {f"collect/{k}": v for k, v in stats.items() if k != "pairs"}
+    out.update({"collect/pairs": len(fits), "collect/prompts_with_pairs_count": prompts,
+                "collect/pairs_per_prompt": len(fits) / prompts, "collect/too_long_pairs": len(pairs) - len(fits),
+                "collect/skipped_rows": sum(skipped.values()),
+                "collect/chosen_length": _mean([len(p["chosen"]) for p in fits]),
+                "collect/rejected_length": _mean([len(p["rejected"]) for p in fits])})
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    write_atomic(ctx.output / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in fits))
+    ctx.info.update(judge="file", stats=out, skipped=dict(skipped), files=str(c.files))
+    ctx.datasets.append(("pairs", "pairs.jsonl"))
+    write_length_plot(fits, ctx.plots)
+    log.info("collect: %d pairs from %d rows of %s (%d malformed rows skipped%s, %d too long)", len(fits),
+             stats["file_rows"], c.files, sum(skipped.values()),
+             "".join(f"; {n} {why}" for why, n in skipped.most_common()), len(pairs) - len(fits))
+    return out
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -204,8 +224,11 @@ def write_length_plot(pairs: list[dict], folder: Path, bins: int = 20) -> None:
 
 
 def run(ctx: Context) -> dict:
-    """Sample from the SFT policy, judge the samples and build pairs into ``ctx.output``; return statistics."""
+    """Sample from the SFT policy, judge the samples and build pairs into ``ctx.output``; return statistics.
+    With ``collect.source=files``: the pairs of the user's feedback files (:func:`from_files`)."""
     cfg = ctx.cfg
+    if cfg.collect.source == "files":
+        return from_files(ctx)
     policy_dir, prompts = ctx.input("sft"), ctx.input("prepare") / "prompts.jsonl"
     if cfg.judge.name == "human":
         ctx.run.add_input("labels", cfg.judge.labels_file)

@@ -11,10 +11,10 @@ import torch
 
 from conftest import compose, copy_chain, run_stage, save_tiny_model
 from pipeline.chat import InputError
+from pipeline.feedback import make_pairs
 from pipeline.judges import FunctionJudge, LLMJudge, read_labels, resolve_labels, verifier_score
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.schema import ConfigError
-from stages.collect import make_pairs
 
 
 def suite_row(family, answer, harmful=False):
