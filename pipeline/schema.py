@@ -261,7 +261,7 @@ class PpoStageConfig(OnlineStageConfig):
 class GrpoStageConfig(OnlineStageConfig):
     reward: str = choice("verifier", "preference", "model")
     reward_inputs: Dict[str, str] = field(default_factory=dict)  # reward -> what it reads under paths.data
-    reward_input: str = MISSING  # derived: reward_inputs[reward] (dvc.yaml's dep)
+    reward_input: Optional[str] = MISSING  # derived: reward_inputs[reward] (dvc.yaml's dep)
     group_size: int = bounded(2)
     kl_coef: float = bounded(0.0)
     scale_advantages: bool = True

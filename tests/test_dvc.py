@@ -170,7 +170,7 @@ def test_an_input_a_choice_does_not_read_is_no_dependency_of_that_choice(project
     reward_extra = project / "data" / "reward" / "extra.txt"
     labels.write_text('{"prompt_id": "p", "response_a": "1", "response_b": "2", "choice": "a", "annotator": "x"}\n')
     reward_extra.write_text("a retrained reward model\n")
-    assert changed_stages(project) == {"ppo", "evaluate"}           # judge=function, grpo.reward=verifier
+    assert changed_stages(project) == {"reward", "ppo", "evaluate"}  # judge=function, grpo.reward=verifier
     reward_extra.unlink()
     params = (project / "params.yaml").read_text()
     set_param(project, "judge", {"name": "human", "labels_file": "data/labels/human.jsonl", "conflict": "majority",
@@ -183,7 +183,7 @@ def test_an_input_a_choice_does_not_read_is_no_dependency_of_that_choice(project
     labels.write_text(labels.read_text() + labels.read_text())       # one more label
     assert changed_stages(project) == {"collect"}
     reward_extra.write_text("a retrained reward model\n")
-    assert changed_stages(project) == {"collect", "ppo", "grpo", "evaluate"}
+    assert changed_stages(project) == {"collect", "reward", "ppo", "grpo", "evaluate"}
     set_param(project, "grpo.reward_input", "UNREAD.md")              # a hand edit that breaks the derivation
     proc = sh(sys.executable, "-m", "pipeline.run", "--params", "params.yaml", "stage=grpo", cwd=project, check=False)
     assert proc.returncode == 2 and "config key 'grpo.reward_input' = 'UNREAD.md' must be 'reward'" in proc.stderr
