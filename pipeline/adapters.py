@@ -167,6 +167,9 @@ def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: 
     config_file = adapter_dir / "adapter_config.json"
     adapter_config = json.loads(config_file.read_text())
     adapter_config["base_model_name_or_path"] = base_ref
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):  # sets in peft: listed in hash order, which
+        if isinstance(adapter_config.get(key), list):                   # PYTHONHASHSEED changes from run to run
+            adapter_config[key] = sorted(adapter_config[key])
     config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
     # Merge into full-precision weights: a quantized (QLoRA) base cannot take a merge, so the adapter
     # goes onto a fresh fp32 copy of the base.
