@@ -95,6 +95,24 @@ def json_objects(path: str | Path, what: str, missing_hint: str = "") -> Iterato
         raise InputError(f"{path}: no {what} in the file")
 
 
+def turns(value: Any, where: str, field: str) -> list[dict]:
+    """Check a list of chat turns (field ``field`` of the row at ``where``) and return it as ``{role, content}``
+    dicts, contents stripped; :class:`InputError` names the turn and what is wrong with it."""
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: field '{field}' must be a non-empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise InputError(f"{where}: field '{field}[{i}]' must be an object")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InputError(f"{where}: field '{field}[{i}].role' = {role!r}; valid: {list(ROLES)}")
+        if not isinstance(content, str):
+            raise InputError(f"{where}: field '{field}[{i}].content' must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content.strip()})
+    return out
+
+
 def normalize_row(raw: Any, where: str) -> dict:
     """Check one raw row and return ``{"messages": [...], "meta": {...}}``; raise :class:`InputError`.
 
@@ -106,19 +124,7 @@ def normalize_row(raw: Any, where: str) -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a row must be an object, got {type(raw).__name__}")
     if "messages" in raw:
-        messages = raw["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise InputError(f"{where}: field 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise InputError(f"{where}: field 'messages[{i}]' must be an object")
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise InputError(f"{where}: field 'messages[{i}].role' = {role!r}; valid: {list(ROLES)}")
-            if not isinstance(content, str):
-                raise InputError(f"{where}: field 'messages[{i}].content' must be a string, got {type(content).__name__}")
-            out.append({"role": role, "content": content.strip()})
+        out = turns(raw["messages"], where, "messages")
     elif "prompt" in raw or "response" in raw:
         for key in ("prompt", "response"):
             if not isinstance(raw.get(key), str):

@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
-from pipeline.chat import ROLES, InputError, read_rows, skip_reason
+from pipeline.chat import InputError, read_rows, skip_reason, turns
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -52,17 +52,6 @@ def feedback_files(path: str | Path) -> list[Path]:
     return found
 
 
-def _turns(value, where: str, field: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise InputError(f"{where}: field '{field}' must be a non-empty list of {{role, content}} turns")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise InputError(f"{where}: field '{field}' turn {i}: needs a string 'content'")
-        if m.get("role") not in ROLES:
-            raise InputError(f"{where}: field '{field}' turn {i}: role {m.get('role')!r} is not a chat role {list(ROLES)}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
 def _prompt(value, where: str, field: str = "prompt") -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
@@ -71,22 +60,22 @@ def _prompt(value, where: str, field: str = "prompt") -> list[dict]:
     if not isinstance(value, list):
         raise InputError(f"{where}: field '{field}' must be a string or a list of {{role, content}} turns, "
                          f"got {type(value).__name__}")
-    turns = _turns(value, where, field)
-    if turns[-1]["role"] != "user":
+    checked = turns(value, where, field)
+    if checked[-1]["role"] != "user":
         raise InputError(f"{where}: field '{field}' must end with a user turn (the response answers it), "
-                         f"got '{turns[-1]['role']}'")
-    return turns
+                         f"got '{checked[-1]['role']}'")
+    return checked
 
 
 def _response(value, where: str, field: str) -> str:
     if isinstance(value, str):
         text = value
     elif isinstance(value, list):
-        turns = _turns(value, where, field)
-        roles = sorted({m["role"] for m in turns} - {"assistant"})
+        checked = turns(value, where, field)
+        roles = sorted({m["role"] for m in checked} - {"assistant"})
         if roles:
             raise InputError(f"{where}: field '{field}' must hold assistant turns only, got {roles[0]!r}")
-        text = "\n\n".join(m["content"] for m in turns)
+        text = "\n\n".join(m["content"] for m in checked)
     else:
         raise InputError(f"{where}: field '{field}' must be a string or a list of assistant turns, "
                          f"got {type(value).__name__}")
@@ -105,7 +94,7 @@ def _implicit(chosen, rejected, where: str) -> tuple[list[dict], str, str]:
     if isinstance(chosen, str) or isinstance(rejected, str):
         raise InputError(f"{where}: field 'prompt' is missing (an implicit prompt needs 'chosen' and 'rejected' as "
                          "conversations: lists of turns sharing the prompt)")
-    c, r = _turns(chosen, where, "chosen"), _turns(rejected, where, "rejected")
+    c, r = turns(chosen, where, "chosen"), turns(rejected, where, "rejected")
     shared = 0
     while shared < min(len(c), len(r)) and c[shared] == r[shared]:
         shared += 1

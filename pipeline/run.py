@@ -235,7 +235,7 @@ def _hydra_main():
         sys.exit(2)
 
     try:
-        if not {"-sc", "--shell-completion"} & set(sys.argv[1:]):  # `-sc install=bash` is Hydra's, not an override
+        if not completing(sys.argv[1:]):  # `-sc install=bash` is Hydra's, not an override
             check_overrides(sys.argv[1:], conf)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -275,6 +275,11 @@ config groups (key=option): {groups}
 """
 
 
+def completing(args: list[str]) -> bool:
+    """Whether the command line is Hydra's tab-completion call (``-sc install=bash``, ``-sc query=bash``)."""
+    return bool({"-sc", "--shell-completion"} & set(args))
+
+
 def completion_line_without_run() -> None:
     """Hydra's tab completion reads the command line from ``COMP_LINE`` (``eval "$(posttrain -sc install=bash)"``
     sets it up); in ``posttrain run stage=...`` the ``run`` word is this script's, not an override, so it is
@@ -311,7 +316,7 @@ def main() -> None:
         return ui_main(sys.argv[2:])
     if sys.argv[1:2] == ["run"]:  # `posttrain run ...` = `python -m pipeline.run ...`
         del sys.argv[1]
-    if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+    if completing(sys.argv[1:]):
         completion_line_without_run()
     if os.environ.get("DVC_ROOT"):  # a stage of `dvc repro`: it stops when dvc is killed, not runs on orphaned
         from pipeline.env import die_with_parent

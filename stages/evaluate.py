@@ -181,10 +181,8 @@ def check_reward_model(reward_score, test_rows: list[dict], by_variant: dict[str
 
     prompts = [{"messages": r["messages"][:-1]} for r in test_rows]
     questions = [next(m["content"] for m in reversed(r["messages"][:-1]) if m["role"] == "user") for r in test_rows]
-    probe_scores = {}
-    for probe in reward_check.probes(""):
-        texts = [reward_check.probes(q)[probe] for q in questions]
-        probe_scores[probe] = reward_score(prompts, texts).tolist()
+    answers = [reward_check.probes(q) for q in questions]  # per question: probe -> degenerate answer
+    probe_scores = {probe: reward_score(prompts, [a[probe] for a in answers]).tolist() for probe in answers[0]}
     ids = [r["id"] for r in test_rows]
     scores = {name: dict(zip(ids, s.tolist(), strict=True)) for name, s in reward_by_variant.items()}
     found = reward_check.check(by_variant, scores, probe_scores, trained)

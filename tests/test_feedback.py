@@ -93,7 +93,7 @@ def test_parquet_an_hf_dataset_folder_and_a_folder_of_files_are_read(tmp_path):
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string or a list"),
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}], "chosen": "a",
       "rejected": "b"}, "must end with a user turn"),
-    ({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}, "role 'human' is not a chat role"),
+    ({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}, "field 'prompt[0].role' = 'human'; valid"),
     ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "assistant turns only"),
     ({"chosen": "q a", "rejected": "q b"}, "field 'prompt' is missing"),
     ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "r"}]}, "share no turns"),
