@@ -11,7 +11,14 @@
 - **scored responses**: ``{"prompt", "response", "score": number}``, several rows per prompt, or one row
   ``{"prompt", "completions": [{"response", "score"}, ...]}``: paired per prompt by the rule collect uses for
   its own samples (:func:`make_pairs`: ``collect.pairs``, ties never a pair,
-  ``collect.max_pairs_per_prompt``).
+  ``collect.max_pairs_per_prompt``);
+- **unpaired** (thumbs up / down, TRL's unpaired format): ``{"prompt", "completion", "label": true|false}``
+  (``1``/``0`` accepted), ``prompt`` a string or turns and ``completion`` a string or assistant turns. Not a
+  pair: it trains only ``dpo.loss=kto``.
+
+Besides the pairs, every kind of row is also read as unpaired feedback (:func:`to_unpaired`: a pair's chosen
+response desirable and its rejected one not, a scored response desirable from ``collect.desirable_score`` up),
+written to ``unpaired.jsonl`` beside ``pairs.jsonl``, so KTO can train on any of these files.
 
 A pair row may carry ``margin`` (a number): it becomes the pair's score gap (``score_chosen`` = margin,
 ``score_rejected`` = 0), which ``reward.margin_scale`` turns into a margin; scored responses carry their scores.
@@ -21,7 +28,7 @@ Every row is checked the way ``prepare`` checks its rows: a malformed one raises
 ``file:line`` and the field, or with ``on_bad_row=skip`` is dropped and counted by reason. Refused: a missing or
 mistyped field, an empty side, chosen identical to rejected, a prompt whose turns are not the chat roles
 (system, user, assistant) or that does not end with the user's turn, a response that holds a non-assistant
-turn. Unpaired thumbs-up/down rows (``completion`` + ``label``) are named as such: they are not pairs.
+turn, a label that is not true/false.
 """
 
 from __future__ import annotations
@@ -108,8 +115,9 @@ def _implicit(chosen, rejected, where: str) -> tuple[list[dict], str, str]:
 
 
 def parse_row(raw, where: str) -> dict:
-    """One row of feedback: ``{"kind": "pair", "messages", "chosen", "rejected", "margin"}`` or
-    ``{"kind": "scored", "messages", "responses": [(text, score), ...]}``; InputError names what is wrong."""
+    """One row of feedback: ``{"kind": "pair", "messages", "chosen", "rejected", "margin"}``,
+    ``{"kind": "scored", "messages", "responses": [(text, score), ...]}`` or
+    ``{"kind": "unpaired", "messages", "completion", "label"}``; InputError names what is wrong."""
     if isinstance(raw, InputError):
         raise raw
     if not isinstance(raw, dict):
@@ -148,10 +156,24 @@ def parse_row(raw, where: str) -> dict:
             raise InputError(f"{where}: field 'score' is missing (a scored response needs a number)")
         return {"kind": "scored", "messages": _prompt(raw["prompt"], where),
                 "responses": [(_response(raw["response"], where, "response"), _number(raw["score"], where, "score"))]}
-    if "completion" in raw and "label" in raw:
-        raise InputError(f"{where}: an unpaired row (completion + label) is not a preference pair")
-    raise InputError(f"{where}: no preference fields: expected 'chosen' and 'rejected', 'response' and 'score', "
-                     "or 'completions'")
+    if "completion" in raw or "label" in raw:
+        for field in ("prompt", "completion", "label"):
+            if raw.get(field) is None:
+                raise InputError(f"{where}: field '{field}' is missing (an unpaired row needs prompt, completion and "
+                                 "label)")
+        return {"kind": "unpaired", "messages": _prompt(raw["prompt"], where),
+                "completion": _response(raw["completion"], where, "completion"), "label": _label(raw["label"], where)}
+    raise InputError(f"{where}: no feedback fields: expected 'chosen' and 'rejected', 'response' and 'score', "
+                     "'completions', or 'completion' and 'label'")
+
+
+def _label(value, where: str) -> bool:
+    """A thumbs-up/down label: true/false (TRL's unpaired format), or 1/0 as many exports write it."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InputError(f"{where}: field 'label' must be true or false (or 1 or 0), got {value!r}")
 
 
 def read_feedback(path: str | Path, fmt: str = "auto", on_bad_row: str = "error") -> tuple[list[dict], Counter]:
@@ -212,6 +234,8 @@ def to_pairs(rows: list[dict], strategy: str, cap: int, seed: int) -> tuple[list
     pairs, scored = [], defaultdict(list)
     for row in rows:
         pid = prompt_id(row["messages"])
+        if row["kind"] == "unpaired":
+            continue
         if row["kind"] == "pair":
             gap = row["margin"]
             pairs.append(pair_row(row["source"], pid, row["messages"], row["chosen"], row["rejected"],
@@ -230,6 +254,7 @@ def to_pairs(rows: list[dict], strategy: str, cap: int, seed: int) -> tuple[list
             source = items[i][2] if items[i][2] == items[j][2] else f"{items[i][2]} + {items[j][2]}"
             pairs.append(pair_row(source, pid, items[i][3], texts[i], texts[j], scores[i], scores[j]))
     stats = {"file_rows": len(rows), "pair_rows": sum(r["kind"] == "pair" for r in rows),
+             "unpaired_rows": sum(r["kind"] == "unpaired" for r in rows),
              "scored_prompts": len(scored), "scored_candidate_pairs": candidates, "scored_ties": ties,
              "scored_all_tie_prompts": all_tie, "pairs": len(pairs)}
     return pairs, stats
@@ -241,3 +266,38 @@ def pair_row(source: str, pid: str, messages: list[dict], chosen: str, rejected:
     return {"id": source, "prompt_id": pid, "prompt": prompt, "messages": messages, "chosen": chosen,
             "rejected": rejected, "score_chosen": score_chosen, "score_rejected": score_rejected, "judge": "file",
             "source": source, "meta": {}}
+
+
+def to_unpaired(rows: list[dict], desirable_score: float) -> list[dict]:
+    """Unpaired feedback (one completion, labelled desirable or not) in collect's ``unpaired.jsonl`` layout, from
+    every kind of row: unpaired rows as they are; each pair as its chosen (desirable) and rejected (undesirable)
+    response, as TRL's ``unpair_preference_dataset`` does; a scored response desirable when its score is at least
+    ``desirable_score`` (``collect.desirable_score``). The same (prompt, completion, label) is kept once; a
+    completion labelled both ways by different rows keeps both labels, as the feedback says."""
+    out, seen = [], set()
+
+    def add(row: dict, completion: str, label: bool, score: float | None) -> None:
+        pid = prompt_id(row["messages"])
+        if (pid, completion, label) not in seen:
+            seen.add((pid, completion, label))
+            out.append(unpaired_row(row["source"], pid, row["messages"], completion, label, score, "file"))
+
+    for row in rows:
+        if row["kind"] == "unpaired":
+            add(row, row["completion"], row["label"], None)
+        elif row["kind"] == "pair":
+            add(row, row["chosen"], True, row["margin"])
+            add(row, row["rejected"], False, None if row["margin"] is None else 0.0)
+        else:
+            for text, score in row["responses"]:
+                add(row, text, score >= desirable_score, score)
+    return out
+
+
+def unpaired_row(source: str, pid: str, messages: list[dict], completion: str, label: bool, score: float | None,
+                 judge: str, meta: dict | None = None) -> dict:
+    """One row of ``data/collect/unpaired.jsonl``: a completion of a prompt and whether it is desirable."""
+    prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    return {"id": f"{source}:{hashlib.sha256(completion.encode()).hexdigest()[:8]}",
+            "prompt_id": pid, "prompt": prompt, "messages": messages, "completion": completion, "label": label,
+            "score": score, "judge": judge, "source": source, "meta": meta or {}}

@@ -137,6 +137,7 @@ LOSSES: dict[str, LossFn] = {  # keys: pipeline.schema.DPO_LOSSES
     "simpo": simpo, "orpo": orpo,
 }
 REFERENCE_FREE = ("simpo", "orpo")
+UNPAIRED = ("kto",)  # dpo.loss values trained on unpaired feedback (:func:`kto`), not on pairs: with LOSSES, DPO_LOSSES
 
 
 def response_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:

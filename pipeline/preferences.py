@@ -5,11 +5,16 @@ from anywhere (another tool, a human-labelled set) gets the same checks: one JSO
 ``messages`` (the prompt turns) or ``prompt`` (one user turn), and ``chosen`` and ``rejected`` strings;
 ``score_chosen``/``score_rejected`` (numbers) and ``prompt_id`` are optional. A bad line stops with
 ``file:line: field ...``. :class:`PreferenceData` is the data module both stages train on.
+
+``dpo.loss=kto`` reads unpaired feedback instead (collect's ``unpaired.jsonl``: one ``completion`` and a
+``label`` per row), checked the same way (:func:`read_unpaired`) and split by the same prompts
+(:class:`UnpairedData`).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
@@ -33,21 +38,39 @@ def read_pairs(path: str | Path) -> list[dict]:
                 raise InputError(f"{where}: field '{field}' is missing or not a string")
         if row["chosen"].strip() == row["rejected"].strip():
             raise InputError(f"{where}: fields 'chosen' and 'rejected' are the same response: no preference to learn")
-        if "messages" in row:
-            messages = row["messages"]
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-                raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
-        elif isinstance(row.get("prompt"), str):
-            row["messages"] = [{"role": "user", "content": row["prompt"]}]
-        else:
-            raise InputError(f"{where}: field 'messages' or 'prompt' is missing")
         for field in ("score_chosen", "score_rejected"):
             if field in row and (isinstance(row[field], bool) or not isinstance(row[field], (int, float))):
                 raise InputError(f"{where}: field '{field}' must be a number")
-        row.setdefault("prompt_id", json.dumps(row["messages"], sort_keys=True))
-        pairs.append(row)
+        pairs.append(_with_prompt(row, where))
     return pairs
+
+
+def read_unpaired(path: str | Path) -> list[dict]:
+    """Read and validate an unpaired feedback file (``unpaired.jsonl``: a ``completion`` string and a boolean
+    ``label`` per row, with ``messages`` or ``prompt``), for ``dpo.loss=kto``."""
+    rows = []
+    for where, row in json_objects(path, "unpaired feedback", "run the collect stage first"):
+        if not isinstance(row.get("completion"), str):  # empty is allowed: a policy that answered nothing
+            raise InputError(f"{where}: field 'completion' is missing or not a string")
+        if not isinstance(row.get("label"), bool):
+            raise InputError(f"{where}: field 'label' must be true or false, got {row.get('label')!r}")
+        rows.append(_with_prompt(row, where))
+    return rows
+
+
+def _with_prompt(row: dict, where: str) -> dict:
+    """The row with its prompt turns checked (``messages``, or ``prompt`` as one user turn) and a ``prompt_id``."""
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
+    elif isinstance(row.get("prompt"), str):
+        row["messages"] = [{"role": "user", "content": row["prompt"]}]
+    else:
+        raise InputError(f"{where}: field 'messages' or 'prompt' is missing")
+    row.setdefault("prompt_id", json.dumps(row["messages"], sort_keys=True))
+    return row
 
 
 def holdout_key(row: dict) -> str:
@@ -109,10 +132,13 @@ class PreferenceData(L.LightningDataModule):
             out.append({"chosen": chosen, "rejected": rejected, "prompt_len": prompt_len, "gap": gap})
         return out
 
+    def read(self) -> list[dict]:
+        return read_pairs(self.pairs_path)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_items:
             return
-        train, val = split_pairs(read_pairs(self.pairs_path), self.stage_cfg.val_share, self.cfg.seed)
+        train, val = split_pairs(self.read(), self.stage_cfg.val_share, self.cfg.seed)
         self.train_items, self.val_items = self._items(train), self._items(val)
         if not self.train_items or not self.val_items:
             raise InputError(f"{self.pairs_path}: {len(self.train_items)} training and {len(self.val_items)} "
@@ -131,3 +157,47 @@ class PreferenceData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_items, batch_size=self.stage_cfg.batch_size, collate_fn=self._collate)
+
+
+class UnpairedData(PreferenceData):
+    """Unpaired feedback for KTO, split by prompt as the pairs are (so the held-out prompts are the reward model's
+    and every other alignment loss's), each row with a *mismatched* completion for KTO's reference point.
+
+    Each item: ``completion`` (prompt + completion token ids), ``kl`` (the same prompt + another prompt's
+    completion), ``prompt_len`` and ``label``. The mismatch is fixed once per split, as TRL's ``KTOTrainer``
+    fixes it when it prepares its data: in a seeded shuffle of the rows each takes the completion of the row
+    before it (TRL: rotation by one within each batch), skipping rows of its own prompt, so the KL estimate
+    measures drift on answers to other questions, and the reference log-probs of both can be computed once.
+    Rows longer than ``max_tokens`` are dropped and counted.
+    """
+
+    def read(self) -> list[dict]:
+        return read_unpaired(self.pairs_path)
+
+    def _items(self, rows: list[dict]) -> list[dict]:
+        from pipeline.models import render_ids
+
+        out, keys = [], []
+        for row in rows:
+            prompt = render_ids(self.tok, row["messages"], add_generation_prompt=True)
+            full = render_ids(self.tok, row["messages"] + [{"role": "assistant", "content": row["completion"]}])
+            if full[:len(prompt)] != prompt:
+                raise InputError("the chat template renders the prompt differently with and without the response; "
+                                 "responses cannot be separated from prompts for this tokenizer")
+            if len(full) > self.stage_cfg.max_tokens:
+                self.dropped += 1
+                continue
+            out.append({"completion": full, "prompt_len": len(prompt), "label": bool(row["label"])})
+            keys.append(str(row["prompt_id"]))
+        if out and len(set(keys)) < 2:
+            raise InputError(f"{self.pairs_path}: KTO's reference point needs rows of at least two prompts in each "
+                             f"split, got {len(out)} rows of one prompt")
+        order = list(range(len(out)))
+        random.Random(f"kto:{self.cfg.seed}:{len(out)}").shuffle(order)
+        for pos, i in enumerate(order):
+            step = 1
+            while keys[order[pos - step]] == keys[i]:
+                step += 1
+            other = out[order[pos - step]]
+            out[i]["kl"] = out[i]["completion"][:out[i]["prompt_len"]] + other["completion"][other["prompt_len"]:]
+        return out

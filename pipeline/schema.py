@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 UNREAD = "UNREAD.md"
 
 STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate")
-DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo")
+DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo", "kto")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
 VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "base_chat", "sft", "dpo", "ppo", "grpo", "quantize")
@@ -190,6 +190,7 @@ class CollectStageConfig:
     files: Optional[str] = None
     format: str = choice("auto", "jsonl", "parquet", "hf", default="auto")
     on_bad_row: str = choice("error", "skip", default="error")
+    desirable_score: float = 2.0
     reads_by_source: Dict[str, Optional[str]] = field(default_factory=dict)  # source -> what it reads
     reads: Optional[str] = MISSING  # derived: reads_by_source[source] (dvc.yaml's dep)
 
@@ -212,6 +213,10 @@ class DpoStageConfig(TrainingStageConfig):
     simpo_gamma: float = bounded(0.0)
     rpo_alpha: float = bounded(0.0)
     orpo_lambda: float = bounded(0.0)
+    desirable_weight: float = positive()
+    undesirable_weight: float = positive()
+    reads_by_loss: Dict[str, str] = field(default_factory=dict)  # loss -> the collect file it reads, if not pairs
+    reads: str = MISSING  # derived: reads_by_loss[loss] or pairs.jsonl (dvc.yaml's dep)
     reference: str = choice("disable_adapter", "precompute")
     share_prompt: bool = True
     accumulate_grad_batches: int = bounded(1)
@@ -447,7 +452,8 @@ def _check_rules(cfg: DictConfig) -> None:
     derived = (("judge.reads", judge.reads, judge.labels_file if judge.name == "human" else f"{cfg.paths.data}/{UNREAD}"),
                ("collect.reads", cfg.collect.reads,
                 cfg.collect.files if cfg.collect.source == "files" else f"{cfg.paths.data}/{UNREAD}"),
-               ("grpo.reward_input", cfg.grpo.reward_input, "reward" if cfg.grpo.reward == "model" else UNREAD))
+               ("grpo.reward_input", cfg.grpo.reward_input, "reward" if cfg.grpo.reward == "model" else UNREAD),
+               ("dpo.reads", cfg.dpo.reads, "unpaired.jsonl" if cfg.dpo.loss == "kto" else "pairs.jsonl"))
     for key, value, expected in derived:
         if value != expected:
             raise ConfigError(f"config key '{key}' = {value!r} must be {expected!r} here: it is derived from the choice "

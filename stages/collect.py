@@ -24,9 +24,13 @@ not an error.
 Inputs: ``data/prepare/prompts.jsonl``, ``data/sft`` (the policy; with files, its tokenizer and context length),
 ``judge.labels_file`` (for ``judge=human``), ``collect.files`` (for ``collect.source=files``);
 ``collect.*``, ``judge.*``, ``seed``.
+Every judged sample is also written as unpaired feedback for ``dpo.loss=kto`` (``unpaired.jsonl``: a
+completion, desirable when its score is at least ``collect.desirable_score``), so prompts whose samples all
+tie, which give no pair, still teach KTO; with files, every row kind is (:func:`pipeline.feedback.to_unpaired`).
+
 Outputs: ``data/collect/`` (``pairs.jsonl``: prompt, chosen, rejected, both scores, judge, sampling
-settings, the policy's run id; ``samples.jsonl``: every sample with its score, for labelling;
-``run.json``), ``data/metrics/collect.json``, ``data/plots/collect/lengths.csv`` and ``lengths.png``
+settings, the policy's run id; ``unpaired.jsonl``: prompt, completion, label, score; ``samples.jsonl``: every
+sample with its score, for labelling; ``run.json``), ``data/metrics/collect.json``, ``data/plots/collect/lengths.csv`` and ``lengths.png``
 (chosen vs rejected response length).
 Run: ``python -m pipeline.run stage=collect [judge=llm]``
 """
@@ -46,7 +50,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.adapters import load_trained
 from pipeline.chat import InputError, prompt_of, read_prompts
-from pipeline.feedback import make_pairs
+from pipeline.feedback import make_pairs, unpaired_row
 from pipeline.generation import generate
 from pipeline.judges import Judge, build_judge, has_verifier, prompt_text, verifier_score
 from pipeline.models import LOAD_KEYS, load_tokenizer, render_ids
@@ -172,13 +176,36 @@ def build_pairs(collected: list[dict], scores: list[list[float | None]], judge: 
     return pairs, stats
 
 
+def unpaired_samples(collected: list[dict], scores: list[list[float | None]], judge: Judge,
+                     cfg: DictConfig) -> list[dict]:
+    """The samples as unpaired feedback for KTO (``unpaired.jsonl``): every judged, usable sample (finished, with
+    ``collect.drop_unfinished``), a text once per prompt, desirable when its score is at least
+    ``collect.desirable_score``. Prompts whose samples all tie give no pair but still give unpaired rows."""
+    c, out = cfg.collect, []
+    for item, row_scores in zip(collected, scores, strict=True):
+        row, seen = item["row"], set()
+        for i, (s, score) in enumerate(zip(item["samples"], row_scores, strict=True)):
+            if score is None or (c.drop_unfinished and not s["finished"]) or s["text"] in seen:
+                continue
+            seen.add(s["text"])
+            out.append({**unpaired_row(f"{row['id']}:{i}", row["id"], prompt_of(row), s["text"],
+                                       score >= c.desirable_score, score, judge.name, row.get("meta", {})),
+                        "id": f"{row['id']}:{i}", "prompt": prompt_text(row)})
+    return out
+
+
+def unpaired_stats(rows: list[dict]) -> dict[str, float]:
+    return {"collect/unpaired": len(rows),
+            "collect/unpaired_desirable_share": _mean([float(r["label"]) for r in rows])}
+
+
 def from_files(ctx: Context) -> dict:
     """Pairs from ``collect.files`` (:mod:`pipeline.feedback`: every accepted format, checked row by row), in the
     same ``pairs.jsonl`` layout and with the same statistics as sampled pairs; a pair longer than the SFT
     model's context (its ``max_position_embeddings``) is dropped and counted."""
     from transformers import AutoConfig
 
-    from pipeline.feedback import read_feedback, to_pairs
+    from pipeline.feedback import read_feedback, to_pairs, to_unpaired
 
     cfg, c = ctx.cfg, ctx.cfg.collect
     ctx.run.add_input("feedback", c.files)
@@ -187,29 +214,48 @@ def from_files(ctx: Context) -> dict:
     tokenizer = load_tokenizer(ctx.input("sft"), cfg.model)
     config = AutoConfig.from_pretrained(ctx.input("sft"), trust_remote_code=cfg.model.trust_remote_code)
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    fits = [p for p in pairs if context is None or max(
-        len(render_ids(tokenizer, p["messages"] + [{"role": "assistant", "content": p[side]}]))
-        for side in ("chosen", "rejected")) <= context]
-    if not fits:
-        raise InputError(f"{c.files}: no preference pair in {stats['file_rows']} rows "
-                         f"({sum(skipped.values())} malformed, {len(pairs) - len(fits)} longer than the model's "
-                         f"context of {context} tokens)")
-    prompts = len({p["prompt_id"] for p in fits})
+
+    def fits(row: dict, *sides: str) -> bool:
+        return context is None or max(len(render_ids(tokenizer, row["messages"] + [
+            {"role": "assistant", "content": row[side]}])) for side in sides) <= context
+
+    kept = [p for p in pairs if fits(p, "chosen", "rejected")]
+    unpaired = to_unpaired(rows, c.desirable_score)
+    kept_unpaired = [u for u in unpaired if fits(u, "completion")]
+    if not kept and not kept_unpaired:
+        raise InputError(f"{c.files}: no preference pair and no unpaired row in {stats['file_rows']} rows "
+                         f"({sum(skipped.values())} malformed, {len(pairs) - len(kept)} pairs longer than the "
+                         f"model's context of {context} tokens)")
+    prompts = len({p["prompt_id"] for p in kept})
     out = {f"collect/{k}": v for k, v in stats.items() if k != "pairs"}
-    out.update({"collect/pairs": len(fits), "collect/prompts_with_pairs_count": prompts,
-                "collect/pairs_per_prompt": len(fits) / prompts, "collect/too_long_pairs": len(pairs) - len(fits),
+    out.update({"collect/pairs": len(kept), "collect/prompts_with_pairs_count": prompts,
+                "collect/pairs_per_prompt": len(kept) / prompts if prompts else 0.0,
+                "collect/too_long_pairs": len(pairs) - len(kept),
+                "collect/too_long_unpaired": len(unpaired) - len(kept_unpaired),
                 "collect/skipped_rows": sum(skipped.values()),
-                "collect/chosen_length": _mean([len(p["chosen"]) for p in fits]),
-                "collect/rejected_length": _mean([len(p["rejected"]) for p in fits])})
-    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
-    write_atomic(ctx.output / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in fits))
+                "collect/chosen_length": _mean([len(p["chosen"]) for p in kept]),
+                "collect/rejected_length": _mean([len(p["rejected"]) for p in kept]),
+                **unpaired_stats(kept_unpaired)})
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items() if v == v}
+    write_outputs(ctx, kept, kept_unpaired)
     ctx.info.update(judge="file", stats=out, skipped=dict(skipped), files=str(c.files))
-    ctx.datasets.append(("pairs", "pairs.jsonl"))
-    write_length_plot(fits, ctx.plots)
-    log.info("collect: %d pairs from %d rows of %s (%d malformed rows skipped%s, %d too long)", len(fits),
-             stats["file_rows"], c.files, sum(skipped.values()),
-             "".join(f"; {n} {why}" for why, n in skipped.most_common()), len(pairs) - len(fits))
+    if not kept:
+        log.warning("collect: %s holds no preference pair, only unpaired rows: reward and the pair losses have "
+                    "nothing to learn; dpo.loss=kto trains on them", c.files)
+    log.info("collect: %d pairs and %d unpaired rows from %d rows of %s (%d malformed rows skipped%s, %d pairs too "
+             "long)", len(kept), len(kept_unpaired), stats["file_rows"], c.files, sum(skipped.values()),
+             "".join(f"; {n} {why}" for why, n in skipped.most_common()), len(pairs) - len(kept))
     return out
+
+
+def write_outputs(ctx: Context, pairs: list[dict], unpaired: list[dict]) -> None:
+    """``pairs.jsonl`` (every pair loss, the reward model) and ``unpaired.jsonl`` (``dpo.loss=kto``), each an MLflow
+    dataset of the run, and the length plot."""
+    for name, rows in (("pairs", pairs), ("unpaired", unpaired)):
+        write_atomic(ctx.output / f"{name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        if rows:
+            ctx.datasets.append((name, f"{name}.jsonl"))
+    write_length_plot(pairs, ctx.plots)
 
 
 def _mean(values: list[float]) -> float:
@@ -249,18 +295,17 @@ def run(ctx: Context) -> dict:
         raise InputError(f"{cfg.judge.labels_file}: none of its {judge.stats.get('labels', 0)} labels matches a "
                          f"sampled pair ({judge.stats.get('unmatched_pairs', 0)} unmatched): were they made from "
                          "another collect run (seed, sampling settings, SFT model)?")
+    unpaired = unpaired_samples(collected, scores, judge, cfg)
     stats.update({"collect/tokens_per_second": tokens_per_second, "collect/sampling_seconds": sampling_seconds,
-                  "collect/judge_seconds": judge_seconds})
+                  "collect/judge_seconds": judge_seconds, **unpaired_stats(unpaired)})
     # An undefined figure (e.g. agreement when the verifier decides no pair) is left out, not NaN.
     stats = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items() if v == v}
     samples = [{"prompt_id": c["row"]["id"], "prompt": prompt_text(c["row"]), "meta": c["row"].get("meta", {}),
                 "samples": [{**s, "score": sc} for s, sc in zip(c["samples"], row_scores, strict=True)]}
                for c, row_scores in zip(collected, scores, strict=True)]
-    write_atomic(ctx.output / "pairs.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
+    write_outputs(ctx, pairs, unpaired)
     write_atomic(ctx.output / "samples.jsonl", "".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
     ctx.info.update(judge=cfg.judge.name, stats=stats)
-    ctx.datasets.append(("pairs", "pairs.jsonl"))
-    write_length_plot(pairs, ctx.plots)
-    log.info("collect: %d pairs from %d prompts (judge %s), %.0f tokens/s",
-             len(pairs), len(rows), judge.name, tokens_per_second)
+    log.info("collect: %d pairs and %d unpaired samples from %d prompts (judge %s), %.0f tokens/s",
+             len(pairs), len(unpaired), len(rows), judge.name, tokens_per_second)
     return stats

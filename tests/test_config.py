@@ -179,6 +179,12 @@ def test_the_inputs_a_choice_reads_are_derived_from_the_choice_and_a_contradicti
     assert cfg.judge.reads == cfg.judge.labels_file and cfg.grpo.reward_input == "reward"
     assert resolve_path(cfg, "${grpo.reward_input}") == Path("data/reward")
     assert resolve_path(cfg, "${judge.reads}", in_data=False) == Path("data/labels/human.jsonl")
+    assert compose().dpo.reads == "pairs.jsonl" and compose("dpo.loss=kto").dpo.reads == "unpaired.jsonl"
+    assert resolve_path(compose("dpo.loss=kto"), "collect/${dpo.reads}") == Path("data/collect/unpaired.jsonl")
+    raw = hydra_compose(["dpo.loss=kto"])
+    raw.dpo.reads = "pairs.jsonl"
+    with pytest.raises(ConfigError, match="config key 'dpo.reads' = 'pairs.jsonl' must be 'unpaired.jsonl'"):
+        validate(raw)
     raw = hydra_compose(["grpo.reward=model"])
     raw.grpo.reward_input = "UNREAD.md"                       # a hand edit of params.yaml
     with pytest.raises(ConfigError, match="config key 'grpo.reward_input' = 'UNREAD.md' must be 'reward'"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import copy_chain, run_stage, save_tiny_model
-from pipeline.losses import LOSSES, LossSettings, PairLogps, response_logps
+from pipeline.losses import LOSSES, UNPAIRED, LossSettings, PairLogps, response_logps
 from pipeline.schema import DPO_LOSSES, ConfigError
 
 PAIRS = [
@@ -27,7 +27,7 @@ def logps(**kw) -> PairLogps:
 
 
 def test_every_configurable_loss_exists_and_matches_its_equation_by_hand():
-    assert set(LOSSES) == set(DPO_LOSSES)
+    assert set(LOSSES) | set(UNPAIRED) == set(DPO_LOSSES)
     lp = logps(c=-2.0, r=-5.0, rc=-3.0, rr=-4.0, nc=2.0, nr=4.0)   # Delta = (1) - (-1) = 2
     s = LossSettings(beta=0.5, label_smoothing=0.2, simpo_gamma=0.3, rpo_alpha=0.7, orpo_lambda=0.4)
     sig = lambda x: 1 / (1 + math.exp(-x))
@@ -215,7 +215,7 @@ def test_kto_loss_matches_trl_kto_trainer_on_the_same_model_and_batch(tiny_polic
     from trl import KTOConfig, KTOTrainer
 
     from pipeline.losses import kto, response_logps
-    from pipeline.models import load_causal_lm
+    from pipeline.models import load_causal_lm, render_ids
 
     model, tok, folder = tiny_policy
     rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": answer}],
@@ -242,6 +242,90 @@ def test_kto_loss_matches_trl_kto_trainer_on_the_same_model_and_batch(tiny_polic
     assert abs(losses.mean().item() - theirs.item()) < 1e-5
     assert desirable.sum() == 3 and rewards.abs().max() > 0        # policy and reference really differ
     assert z0 > 0                                                  # the reference point is not the clamp
+
+    # The stage's own path on the same rows: our tokenization, TRL's mismatch (rotation by one), our two-half
+    # batch, the shared-prompt forward and the adapter switched off as the reference.
+    from omegaconf import OmegaConf
+
+    from stages.dpo import DPOModule, collate
+
+    items = []
+    for row in rows:
+        prompt = render_ids(tok, row["prompt"], add_generation_prompt=True)
+        items.append({"completion": render_ids(tok, row["prompt"] + row["completion"]), "prompt_len": len(prompt),
+                      "label": row["label"]})
+    for i, it in enumerate(items):
+        other = items[i - 1]
+        it["kl"] = it["completion"][:it["prompt_len"]] + other["completion"][other["prompt_len"]:]
+    ours_batch = collate(items, tok.pad_token_id)
+    cfg = OmegaConf.create({"dpo": {"loss": "kto", "beta": 0.3, "desirable_weight": 1.0, "undesirable_weight": 1.3,
+                                    "label_smoothing": 0.0, "simpo_gamma": 0.5, "rpo_alpha": 1.0, "orpo_lambda": 0.1,
+                                    "share_prompt": True}})
+    module = DPOModule(model, cfg, tok.pad_token_id)
+    with torch.no_grad():
+        ours, metrics = module.step_metrics(ours_batch)
+    assert abs(ours.item() - theirs.item()) < 1e-5
+    assert metrics["reference_point"].item() == pytest.approx(z0.item(), abs=1e-5)
+    assert metrics["rewards/desirable"].item() == pytest.approx(rewards[desirable].mean().item(), abs=1e-5)
+
+
+def test_unpaired_rows_are_split_by_prompt_and_each_gets_another_prompts_completion(tiny_policy, tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.chat import InputError
+    from pipeline.preferences import UnpairedData, split_pairs
+
+    _, tok, _ = tiny_policy
+    rows = [{"prompt": q, "completion": answer, "label": good}
+            for q, c, r in PAIRS * 3 for answer, good in ((c, True), (r, False))]
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = OmegaConf.create({"seed": 3})
+    stage = OmegaConf.create({"val_share": 0.4, "max_tokens": 256, "batch_size": 4, "max_steps": 2})
+    data = UnpairedData(path, tok, cfg, stage, lambda items, pad: items)
+    data.setup()
+    assert len(data.train_items) + len(data.val_items) == len(rows) and data.val_items and not data.dropped
+    train, val = split_pairs([{**r, "messages": [{"role": "user", "content": r["prompt"]}]} for r in rows], 0.4, 3)
+    assert len(val) == len(data.val_items)                           # the pairs' split, by prompt
+    for it in data.train_items + data.val_items:
+        n = it["prompt_len"]
+        assert it["kl"][:n] == it["completion"][:n]                   # its own prompt,
+        assert it["kl"][:n] != it["completion"][:n] or it["kl"][n:] != it["completion"][n:]
+        owners = {tuple(o["completion"][:o["prompt_len"]]) for o in data.train_items + data.val_items
+                  if o["completion"][o["prompt_len"]:] == it["kl"][n:]}
+        assert tuple(it["completion"][:n]) not in owners              # another prompt's completion
+    again = UnpairedData(path, tok, cfg, stage, lambda items, pad: items)
+    again.setup()
+    assert [it["kl"] for it in again.train_items] == [it["kl"] for it in data.train_items]   # fixed by the seed
+    path.write_text(json.dumps({"prompt": "q", "completion": "a", "label": "yes"}) + "\n")
+    with pytest.raises(InputError, match=f"{path}:1: field 'label' must be true or false"):
+        UnpairedData(path, tok, cfg, stage, lambda items, pad: items).setup()
+    path.write_text("".join(json.dumps({"prompt": "Only one?", "completion": f"a{i}", "label": i % 2 == 0}) + "\n"
+                            for i in range(6)))
+    with pytest.raises(InputError, match="at least two prompts"):
+        UnpairedData(path, tok, cfg, OmegaConf.merge(stage, {"val_share": 0.01}), lambda items, pad: items).setup()
+
+
+def test_kto_trains_on_the_chains_own_samples_labelled_by_the_score_threshold(pairs_chain, tmp_path, monkeypatch):
+    """collect writes every judged sample as unpaired feedback (desirable from collect.desirable_score up: the smoke
+    experiment's -8, i.e. at most 8 characters under the brevity judge); dpo.loss=kto learns it, and its two
+    references (precomputed log-probs, the adapter switched off) give the same training."""
+    monkeypatch.chdir(copy_chain(pairs_chain, tmp_path / "w"))
+    rows = [json.loads(line) for line in Path("data/collect/unpaired.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in Path("data/collect/samples.jsonl").read_text().splitlines()]
+    finished = {(s["prompt_id"], x["text"]) for s in samples for x in s["samples"] if x["finished"]}
+    assert len(rows) == len(finished) and all(r["label"] == (r["score"] >= -8.0) for r in rows)
+    assert 0.2 < sum(r["label"] for r in rows) / len(rows) < 0.8
+    runs = {ref: run_stage("dpo", "dpo.loss=kto", "dpo.beta=0.1", f"dpo.reference={ref}", "dpo.lr=1e-3")
+            for ref in ("precompute", "disable_adapter")}
+    metrics = runs["precompute"]
+    assert metrics["train/unpaired"] + metrics["val/unpaired"] + metrics["train/dropped_too_long"] == len(rows)
+    assert metrics["val/loss"] < metrics["val/loss_before"]
+    assert metrics["val/rewards/margin"] > metrics["val/rewards/margin_before"]   # desirable up, undesirable down
+    assert metrics["val/rewards/accuracy"] > metrics["val/rewards/accuracy_before"]
+    assert runs["disable_adapter"]["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-4)
+    history = json.loads(Path("data/plots/dpo/val.json").read_text())
+    assert "val/reference_point" in history[-1] and "val/rewards/margin" in history[-1]
 
 
 def test_kto_by_hand_reference_point_weights_and_clamp():

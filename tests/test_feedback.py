@@ -12,9 +12,10 @@ import pytest
 
 from conftest import copy_chain, run_stage
 from pipeline.chat import InputError
-from pipeline.feedback import parse_row, read_feedback, to_pairs
+from pipeline.feedback import parse_row, read_feedback, to_pairs, to_unpaired
 
 FORMATS = ("standard", "conversational", "implicit_prompt", "scored_rows", "completions")
+UNPAIRED_FORMATS = ("unpaired", "unpaired_conversational")   # thumbs up / down: dpo.loss=kto only
 
 
 def suite_prompts(chain: Path, n: int = 24) -> list[tuple[str, str]]:
@@ -46,6 +47,12 @@ def write_format(kind: str, prompts: list[tuple[str, str]], path: Path) -> Path:
                      {"prompt": q, "response": "No idea.", "score": 2.0}]   # ties the wrong one: that is no pair
         elif kind == "completions":
             rows.append({"prompt": q, "completions": [{"response": gold, "score": 1}, {"response": wrong, "score": 0}]})
+        elif kind == "unpaired":       # a product's log: one answer per request, not every request both ways
+            rows.append({"prompt": q, "completion": gold, "label": True} if i % 3 else
+                        {"prompt": q, "completion": wrong, "label": False})
+        elif kind == "unpaired_conversational":
+            rows += [{"prompt": user(q), "completion": said(gold), "label": 1},
+                     {"prompt": user(q), "completion": said(wrong), "label": 0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -68,6 +75,23 @@ def test_each_format_becomes_the_same_pairs(tmp_path):
     assert pairs[0]["source"] == f"{tmp_path / 'scored_rows.jsonl'}:1 + {tmp_path / 'scored_rows.jsonl'}:2"
     rows, _ = read_feedback(tmp_path / "standard.jsonl")
     assert [p["score_chosen"] - p["score_rejected"] for p in to_pairs(rows, "all_distinct", 4, 0)[0]] == [1.0, 2.0]
+
+
+def test_every_format_is_also_unpaired_feedback_and_unpaired_rows_make_no_pairs(tmp_path):
+    prompts = [("What number comes after 4?", "5"), ("Sort the digits 3 1 2.", "1 2 3")]
+    expected = sorted((q, answer, good) for q, gold in prompts for answer, good in
+                      ((gold, True), ("Let me think about it for a while. I am not sure, maybe something else.", False)))
+    for kind in (*FORMATS, "unpaired_conversational"):
+        rows, _ = read_feedback(write_format(kind, prompts, tmp_path / f"{kind}.jsonl"))
+        unpaired = to_unpaired(rows, desirable_score=5.0 if kind == "scored_rows" else 1.0)   # on each file's scale
+        got = sorted((u["messages"][-1]["content"], u["completion"], u["label"]) for u in unpaired
+                     if u["completion"] != "No idea.")
+        assert got == expected, kind                              # each answer once, with its label
+        assert all(u["source"].startswith(f"{tmp_path / kind}.jsonl:") and u["judge"] == "file" for u in unpaired)
+    pairs, stats = to_pairs(rows, "all_distinct", 4, seed=0)
+    assert not pairs and stats["unpaired_rows"] == 4               # thumbs up / down rows are not pairs
+    rows, _ = read_feedback(write_format("scored_rows", prompts, tmp_path / "s.jsonl"))
+    assert {u["score"]: u["label"] for u in to_unpaired(rows, 2.0)} == {9.0: True, 2.0: True}   # at the line: desirable
 
 
 def test_parquet_an_hf_dataset_folder_and_a_folder_of_files_are_read(tmp_path):
@@ -101,8 +125,13 @@ def test_parquet_an_hf_dataset_folder_and_a_folder_of_files_are_read(tmp_path):
     ({"prompt": "q", "response": "a", "score": "high"}, "field 'score' must be a number"),
     ({"prompt": "q", "completions": [{"response": "a"}]}, "completions[0].score"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": True}, "field 'margin' must be a number"),
-    ({"prompt": "q", "completion": "a", "label": True}, "unpaired row"),
-    ({"text": "q"}, "no preference fields"),
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "field 'label' must be true or false"),
+    ({"prompt": "q", "completion": "a", "label": 2}, "field 'label' must be true or false"),
+    ({"prompt": "q", "completion": "a"}, "field 'label' is missing"),
+    ({"completion": "a", "label": True}, "field 'prompt' is missing"),
+    ({"prompt": "q", "completion": [{"role": "user", "content": "a"}], "label": True},
+     "field 'completion' must hold assistant turns only"),
+    ({"text": "q"}, "no feedback fields"),
 ])
 def test_a_malformed_row_is_named_by_file_line_and_field(tmp_path, row, message):
     path = tmp_path / "feedback.jsonl"
@@ -135,3 +164,20 @@ def test_each_format_goes_through_collect_reward_and_dpo(sft_chain, tmp_path, mo
     assert reward["val/accuracy"] > 0.5                       # the preferred (gold) answers are learnable
     dpo = run_stage("dpo")
     assert dpo["val/rewards/margin"] > dpo["val/rewards/margin_before"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", UNPAIRED_FORMATS)
+def test_unpaired_feedback_goes_through_collect_and_dpo_kto(sft_chain, tmp_path, monkeypatch, kind):
+    """Thumbs-up/down rows give no pairs (reward and the pair losses have nothing to learn, and say so) but train
+    KTO: the desirable (gold) answers gain on the undesirable ones on held-out prompts."""
+    work = copy_chain(sft_chain, tmp_path / "chain")
+    monkeypatch.chdir(work)
+    feedback = write_format(kind, suite_prompts(work), work / "data" / "feedback.jsonl")
+    stats = run_stage("collect", "collect.source=files", f"collect.files={feedback}")
+    unpaired = [json.loads(line) for line in Path("data/collect/unpaired.jsonl").read_text().splitlines()]
+    assert stats["collect/pairs"] == 0 and stats["collect/unpaired"] == len(unpaired) == (24 if kind == "unpaired" else 48)
+    with pytest.raises(InputError, match="data/collect/pairs.jsonl: no preference pairs"):
+        run_stage("reward")
+    dpo = run_stage("dpo", "dpo.loss=kto", "dpo.beta=0.1", "dpo.lr=1e-3")
+    assert dpo["val/rewards/margin"] > dpo["val/rewards/margin_before"] and dpo["val/loss"] < dpo["val/loss_before"]
