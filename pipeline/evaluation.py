@@ -27,7 +27,7 @@ from pipeline.generation import generate
 from pipeline.judges import verifier_correct
 from pipeline.models import base_sources, end_of_turn_ids, load_causal_lm, render_ids
 from pipeline.progress import StageBar
-from pipeline.stats import paired_difference, rounded, with_interval
+from pipeline.stats import interval, paired_difference, rounded, with_interval
 from pipeline.tokens import left_pad, padded_forward, token_logps
 
 
@@ -261,7 +261,8 @@ def pairwise_win_rate(ids: list[str], mine: dict[str, object], theirs: dict[str,
     ``prefer(id, first, second)`` is the judge's probability that ``first`` is better. Each prompt scores
     p = (prefer(mine, sft) + 1 - prefer(sft, mine)) / 2, which cancels a judge's position bias: a win is
     p > 1/2, a loss p < 1/2, a tie p = 1/2 (equal answers, or orders that disagree). ``win_rate`` = mean p:
-    ties counted half (AlpacaEval's convention); ``decisive_win_rate`` = wins / (wins + losses);
+    ties counted half (AlpacaEval's convention), with its 95% bootstrap interval over prompts (``win_rate_ci_low``,
+    ``win_rate_ci_high``); ``decisive_win_rate`` = wins / (wins + losses);
     ``position_consistency`` = share of prompts whose two orders agree.
     """
     p_values, consistent = [], 0
@@ -273,7 +274,8 @@ def pairwise_win_rate(ids: list[str], mine: dict[str, object], theirs: dict[str,
     if not n:
         return {}
     wins, losses = sum(p > 0.5 for p in p_values), sum(p < 0.5 for p in p_values)
-    return {"win_rate": round(sum(p_values) / n, 4),
+    low, high = interval(p_values)
+    return {"win_rate": round(sum(p_values) / n, 4), "win_rate_ci_low": round(low, 4), "win_rate_ci_high": round(high, 4),
             "decisive_win_rate": round(wins / (wins + losses), 4) if wins + losses else 0.5,
             "tie_rate": round((n - wins - losses) / n, 4),
             "position_consistency": round(consistent / n, 4)}
@@ -292,7 +294,8 @@ def win_rates(records: list[dict], baseline: list[dict], rows: dict[str, dict]) 
         return 1.0 if a > b else 0.0 if a < b else 0.5
 
     out = pairwise_win_rate(list(mine), mine, theirs, prefer)
-    return {f"test/{k}_vs_sft": v for k, v in out.items() if k != "position_consistency"}
+    return {"test/" + (k.replace("_ci_", "_vs_sft_ci_") if "_ci_" in k else f"{k}_vs_sft"): v
+            for k, v in out.items() if k != "position_consistency"}
 
 
 def reward_win_rate(mine: torch.Tensor, theirs: torch.Tensor) -> float:

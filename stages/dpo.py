@@ -24,8 +24,8 @@ references and the precomputed reference log-probs serve it unchanged.
 Metrics (train and val): loss, rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
 logps/chosen, logps/rejected, and ``kl``: the policy-to-reference log-ratio per response token on the
 pairs (a sample estimate; ``evaluate`` measures KL on the policy's own answers). KTO's: rewards/desirable,
-rewards/undesirable, rewards/margin (their difference), rewards/accuracy (the share of rows on their label's
-side of the reference point), ``reference_point`` (z0) and ``kl``. Validation on the held-out prompts' pairs
+rewards/undesirable, rewards/margin (their difference), rewards/auroc (how often a desirable row's implied reward
+beats an undesirable row's: 0.5 untrained, whatever the share of each), ``reference_point`` (z0) and ``kl``. Validation on the held-out prompts' pairs
 or rows (the same split as the reward model's) at a fixed cadence and at the end, over the whole split.
 
 Inputs: ``data/collect/pairs.jsonl`` (``kto``: ``unpaired.jsonl``), ``data/sft``; ``dpo.*``, ``peft.*``,
@@ -184,15 +184,17 @@ class DPOModule(StageModule):
                       "logps/chosen": rows["logps_chosen"].mean(), "logps/rejected": rows["logps_rejected"].mean()})
             return m
         good, reward = rows["label"], rows["reward"]
-        above = reward > self.cfg.beta * rows["reference_point"]
-        m.update({"rewards/accuracy": (above == good).float().mean(), "reference_point": rows["reference_point"].mean(),
-                  "logps/completion": rows["logps"].mean()})
+        m.update({"reference_point": rows["reference_point"].mean(), "logps/completion": rows["logps"].mean()})
         if good.any():
             m["rewards/desirable"] = reward[good].mean()
         if (~good).any():
             m["rewards/undesirable"] = reward[~good].mean()
         if good.any() and (~good).any():
             m["rewards/margin"] = m["rewards/desirable"] - m["rewards/undesirable"]
+            # KTO's pair accuracy: how often a desirable row's implied reward beats an undesirable one's, ties half
+            # (the AUROC; 0.5 at the start, when every reward is 0, whatever the share of each kind)
+            diff = reward[good][:, None] - reward[~good][None, :]
+            m["rewards/auroc"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
         return m
 
     def step_metrics(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -303,8 +305,9 @@ def run(ctx: Context) -> dict:
     ctx.write_plot("loss.json", [h for h in module.history if "train/loss" in h])
     ctx.write_plot("val.json", [h for h in module.history if "val/loss" in h])
     final = result.after
-    log.info("dpo (%s, beta %s): val loss %.4f, reward accuracy %.3f, margin %.3f", c.loss, c.beta,
-             final["val/loss"], final["val/rewards/accuracy"], final.get("val/rewards/margin", float("nan")))
+    accuracy = "val/rewards/auroc" if unpaired else "val/rewards/accuracy"
+    log.info("dpo (%s, beta %s): val loss %.4f, reward %s %.3f, margin %.3f", c.loss, c.beta, final["val/loss"],
+             accuracy.split("/")[-1], final.get(accuracy, float("nan")), final.get("val/rewards/margin", float("nan")))
     steps_done = c.max_steps * c.accumulate_grad_batches * c.batch_size
     return {**result.metrics(), **counts,
             "train/dropped_too_long": datamodule.dropped,

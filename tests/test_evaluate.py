@@ -92,8 +92,9 @@ def test_pairwise_win_rate_asks_both_orders_and_cancels_position_bias():
     sft = {"0": "bad", "1": "good", "2": "same", "3": "good"}
     fair = lambda i, a, b: 1.0 if (a, b) == ("good", "bad") else 0.0 if (a, b) == ("bad", "good") else 0.5
     out = pairwise_win_rate(ids, mine, sft, fair)
-    assert out == {"win_rate": (1 + 0 + 0.5 + 0.5) / 4, "decisive_win_rate": 0.5, "tie_rate": 0.5,
-                   "position_consistency": 1.0}
+    assert {k: v for k, v in out.items() if "_ci_" not in k} == {
+        "win_rate": (1 + 0 + 0.5 + 0.5) / 4, "decisive_win_rate": 0.5, "tie_rate": 0.5, "position_consistency": 1.0}
+    assert out["win_rate_ci_low"] < 0.5 < out["win_rate_ci_high"]
     first_wins = lambda i, a, b: 1.0          # a judge that always prefers the answer shown first
     biased = pairwise_win_rate(ids, mine, sft, first_wins)
     assert biased["win_rate"] == 0.5 and biased["tie_rate"] == 1.0 and biased["position_consistency"] == 0.0
@@ -147,6 +148,8 @@ def test_win_rate_against_sft_counts_wins_ties_and_losses_by_hand():
     m = win_rates(mine, sft, rows)
     assert m["test/win_rate_vs_sft"] == (2 + 0.5) / 4
     assert m["test/decisive_win_rate_vs_sft"] == round(2 / 3, 4) and m["test/tie_rate_vs_sft"] == 0.25
+    # its bootstrap interval over the four prompts' scores (1, 0.5, 0, 1): within their range, around the mean
+    assert 0.0 <= m["test/win_rate_vs_sft_ci_low"] < 0.625 < m["test/win_rate_vs_sft_ci_high"] <= 1.0
 
 
 def test_kl_to_reference_is_zero_against_itself_and_matches_an_unpadded_computation():
