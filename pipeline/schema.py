@@ -116,6 +116,7 @@ class TrainerConfig:
     strategy: str = MISSING
     precision: str = choice("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
     num_threads: int = bounded(1)
+    logits_chunk: Optional[int] = bounded(1)
     deterministic: bool = True
     progress_bar: bool = True
     log_every_n_steps: int = bounded(1)

@@ -31,7 +31,7 @@ from pipeline.outputs import KILL_ENV  # fault injection: an optimizer step here
 LAST_CKPT = "last.ckpt"
 ATTEMPT_JSON = "attempt.json"  # beside the checkpoints: the attempt's run id and its validation before training
 # Config keys of a stage that trains through build_trainer (it declares them in its contract, pipeline.stage).
-TRAINER_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision")
+TRAINER_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.precision", "trainer.logits_chunk")
 # StepBatches defines __len__ for the progress bar; with num_workers=0 the length is exact.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 

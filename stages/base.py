@@ -217,14 +217,27 @@ def convert_gguf(ctx: Context) -> dict:
     ``save_pretrained``, so a plain model is built from its config and given its state dict. The source
     file's digest goes into the lineage; every later stage reads ``data/base`` like an embedded model's.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cfg, run, tmp = ctx.cfg, ctx.run, ctx.output
     start = time.time()
     gguf = resolve_gguf(cfg)
     digest = digest_files([gguf])
     run.inputs["model"] = {"path": str(gguf), "digest": digest, "name_or_path": cfg.model.name_or_path}
     run.set_tag("input.model.digest", digest)
+    model, tokenizer = load_gguf(gguf, cfg.model.chat_template)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    ctx.info.update(kind="gguf", source=str(gguf), source_digest=digest, parameters=count_parameters(model))
+    ctx.write_plot("loss.json", [])  # nothing trained here: an empty curve
+    run.set_tag("model.name_or_path", cfg.model.name_or_path)
+    return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer),
+            "train/seconds": round(time.time() - start, 1)}
+
+
+def load_gguf(gguf: Path, chat_template: str | None = None):
+    """(fp32 model, tokenizer) of a GGUF file, the model rebuilt from its config so that it saves as safetensors
+    (transformers' dequantized GGUF model refuses ``save_pretrained``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -232,8 +245,8 @@ def convert_gguf(ctx: Context) -> dict:
         raise ModelError(f"{gguf}: reading GGUF needs the gguf package (pip install gguf): {err}") from None
     except (ValueError, OSError, KeyError, RuntimeError) as err:
         raise ModelError(f"{gguf}: cannot be read as a GGUF causal LM: {str(err).splitlines()[0]}") from None
-    if cfg.model.chat_template:
-        tokenizer.chat_template = cfg.model.chat_template
+    if chat_template:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     check_chat_template(tokenizer, str(gguf))
@@ -243,14 +256,7 @@ def convert_gguf(ctx: Context) -> dict:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    model.eval()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    ctx.info.update(kind="gguf", source=str(gguf), source_digest=digest, parameters=count_parameters(model))
-    ctx.write_plot("loss.json", [])  # nothing trained here: an empty curve
-    run.set_tag("model.name_or_path", cfg.model.name_or_path)
-    return {"model/parameters": count_parameters(model), "model/vocab_size": len(tokenizer),
-            "train/seconds": round(time.time() - start, 1)}
+    return model.eval(), tokenizer
 
 
 def resolve_gguf(cfg: DictConfig) -> Path:

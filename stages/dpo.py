@@ -42,7 +42,7 @@ import logging
 import time
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import adapters
 from pipeline.adapters import uses_virtual_tokens
@@ -61,6 +61,7 @@ from pipeline.models import LOAD_KEYS, load_tokenizer
 from pipeline.preferences import PreferenceData, UnpairedData
 from pipeline.schema import ConfigError
 from pipeline.stage import Context, Input, Plot, Stage
+from pipeline.tokens import sequence_logps
 from pipeline.training import SAMPLES, TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit, log_samples
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class DPOModule(StageModule):
     def __init__(self, model: torch.nn.Module, cfg: DictConfig, pad_id: int = 0):
         super().__init__()
         self.model, self.cfg, self.pad_id = model, cfg.dpo, pad_id
+        self.logits_chunk = OmegaConf.select(cfg, "trainer.logits_chunk")
         self.unpaired = self.cfg.loss in UNPAIRED
         self.loss_fn = None if self.unpaired else LOSSES[self.cfg.loss]
         self.settings = LossSettings(beta=self.cfg.beta, label_smoothing=self.cfg.label_smoothing,
@@ -132,6 +134,9 @@ class DPOModule(StageModule):
         ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         if self.cfg.share_prompt and not uses_virtual_tokens(self.model):
             return shared_prompt_logps(self.model, ids, attention, completion, self.pad_id)
+        if self.logits_chunk is not None:  # logits on response positions only, a chunk at a time
+            logp = sequence_logps(self.model, ids, completion, self.logits_chunk, attention_mask=attention)
+            return logp.sum(-1), completion[:, 1:].sum(-1).to(logp.dtype)
         logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         return response_logps(logits, ids, completion)
 

@@ -30,6 +30,7 @@ from pipeline import adapters
 from pipeline.chat import json_objects, prompt_of
 from pipeline.models import SOURCE_KEYS, base_reference, base_sources, load_causal_lm, load_tokenizer, render_ids
 from pipeline.stage import Context, Input, Plot, Stage
+from pipeline.tokens import final_hidden_states, selected_logps
 from pipeline.training import (
     SAMPLES,
     TRAINER_KEYS,
@@ -146,6 +147,7 @@ class SFTModule(StageModule):
         super().__init__()
         self.model = model
         self.cfg = cfg.sft
+        self.logits_chunk = cfg.trainer.logits_chunk
         self._val_nll = torch.zeros(())
         self._val_tokens = 0
         self.positions_trained = 0  # token positions run forward and backward (throughput: train/tokens_per_second)
@@ -154,7 +156,17 @@ class SFTModule(StageModule):
         self.model.train()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(**batch).loss
+        """Mean next-token NLL over the labelled (response) tokens: the model's own loss on its full logits, or with
+        ``trainer.logits_chunk`` logits on the labelled positions only, a chunk at a time (:func:`selected_logps`)."""
+        if self.logits_chunk is None:
+            return self.model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets = batch["labels"][:, 1:]
+        with final_hidden_states(self.model) as head:
+            hidden = self.model(**inputs, use_cache=False).logits
+        wanted = targets != -100
+        logp = selected_logps(hidden[:, :-1], head, targets, wanted, self.logits_chunk)
+        return -logp.sum() / wanted.sum().clamp(min=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)

@@ -101,9 +101,10 @@ def tiny_policy(tmp_path_factory):
     return model.eval(), tok, folder
 
 
-@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("share_prompt, logits_chunk", [(False, None), (True, None), (False, 5)])
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
-def test_loss_and_gradients_match_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss, share_prompt):
+def test_loss_and_gradients_match_trl_dpo_trainer_on_the_same_model_and_batch(tiny_policy, tmp_path, loss, share_prompt,
+                                                                              logits_chunk):
     from datasets import Dataset
     from omegaconf import OmegaConf
     from trl import DPOConfig, DPOTrainer
@@ -141,7 +142,8 @@ def test_loss_and_gradients_match_trl_dpo_trainer_on_the_same_model_and_batch(ti
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(ours_batch[key], batch[key]), key      # the same batch, token for token
     cfg = OmegaConf.create({"dpo": {"loss": loss, "beta": 0.3, "label_smoothing": 0.0, "simpo_gamma": 0.5,
-                                    "rpo_alpha": 1.0, "orpo_lambda": 0.1, "share_prompt": share_prompt}})
+                                    "rpo_alpha": 1.0, "orpo_lambda": 0.1, "share_prompt": share_prompt},
+                            "trainer": {"logits_chunk": logits_chunk}})   # 5: response logits 5 positions at a time
     ours, metrics = DPOModule(model, cfg, tok.pad_token_id).step_metrics(ours_batch)
     ours.backward()
     assert abs(ours.item() - theirs.item()) < 1e-5
