@@ -148,6 +148,21 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def canonical_adapter_configs(folder: Path, base_ref: str | None = None) -> None:
+    """Rewrite every ``adapter_config.json`` under ``folder`` (PPO's critic adapter sits in a subfolder) with peft's
+    sets sorted: peft lists ``target_modules`` in hash order, which PYTHONHASHSEED changes from run to run, so
+    equal adapters would be different bytes and DVC would rerun what follows. ``base_ref``: the base model
+    the top folder's adapter records (peft writes an absolute local path there)."""
+    for config_file in sorted(folder.rglob("adapter_config.json")):
+        adapter_config = json.loads(config_file.read_text())
+        if base_ref is not None and config_file.parent == folder:
+            adapter_config["base_model_name_or_path"] = base_ref
+        for key in ("target_modules", "modules_to_save", "exclude_modules"):
+            if isinstance(adapter_config.get(key), list):
+                adapter_config[key] = sorted(adapter_config[key])
+        config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+
 def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: str, model_cfg: DictConfig,
                  base_ref: str, load_base=None) -> None:
     """Save a trained model into ``out``: merged full-precision weights (plus ``adapter/``) for adapter
@@ -164,13 +179,7 @@ def save_trained(model: torch.nn.Module, cfg: DictConfig, out: Path, base_path: 
         return
     adapter_dir = out / ADAPTER_DIR
     model.save_pretrained(adapter_dir, safe_serialization=True)
-    config_file = adapter_dir / "adapter_config.json"
-    adapter_config = json.loads(config_file.read_text())
-    adapter_config["base_model_name_or_path"] = base_ref
-    for key in ("target_modules", "modules_to_save", "exclude_modules"):  # sets in peft: listed in hash order, which
-        if isinstance(adapter_config.get(key), list):                   # PYTHONHASHSEED changes from run to run
-            adapter_config[key] = sorted(adapter_config[key])
-    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    canonical_adapter_configs(adapter_dir, base_ref)
     # Merge into full-precision weights: a quantized (QLoRA) base cannot take a merge, so the adapter
     # goes onto a fresh fp32 copy of the base.
     from peft import PeftModel

@@ -41,6 +41,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import rl
+from pipeline.adapters import canonical_adapter_configs
 from pipeline.online import (
     OnlineModule,
     Reference,
@@ -180,6 +181,7 @@ def run(ctx: Context) -> dict:
         target.mkdir(parents=True, exist_ok=True)
         if not module.critic.shared:
             module.critic.model.save_pretrained(target, safe_serialization=True)
+            canonical_adapter_configs(target)
         save_file({k: v.detach().contiguous() for k, v in module.critic.head.state_dict().items()},
                   str(target / "value_head.safetensors"))
 

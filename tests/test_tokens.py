@@ -120,3 +120,20 @@ def test_sft_loss_with_chunked_logits_equals_the_models_own_loss_on_packed_rows(
     assert abs(a.item() - b.item()) < 1e-5
     for name, g in grads(model).items():
         assert torch.allclose(g, expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_every_adapter_config_is_written_with_sorted_module_sets(tmp_path):
+    """peft lists target_modules in hash order (PYTHONHASHSEED): the policy's and the PPO critic's configs are
+    rewritten sorted, so equal adapters are equal bytes (a fresh clone's chain reran ppo's outputs for nothing)."""
+    import json
+
+    from pipeline.adapters import canonical_adapter_configs
+
+    for sub in ("", "critic"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / "adapter_config.json").write_text(json.dumps(
+            {"target_modules": ["v_proj", "down_proj", "q_proj"], "base_model_name_or_path": "/abs/path"}))
+    canonical_adapter_configs(tmp_path, "data/sft")
+    top, critic = (json.loads((tmp_path / s / "adapter_config.json").read_text()) for s in ("", "critic"))
+    assert top["target_modules"] == critic["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert top["base_model_name_or_path"] == "data/sft" and critic["base_model_name_or_path"] == "/abs/path"
