@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline import tokens
 from pipeline.chat import InputError, read_prompts
@@ -34,7 +34,15 @@ from pipeline.models import render_ids
 from pipeline.preferences import holdout_key
 from pipeline.suite import bucket
 from pipeline.tokens import padded_forward
-from pipeline.training import SAMPLES, StageModule, StepBatches, adamw_warmup_cosine, batches_loader, log_samples
+from pipeline.training import (
+    SAMPLES,
+    StageModule,
+    StepBatches,
+    adamw_warmup_cosine,
+    batches_loader,
+    log_samples,
+    rank_and_world,
+)
 
 if TYPE_CHECKING:
     from pipeline.stage import Stage
@@ -80,7 +88,22 @@ class PromptData(L.LightningDataModule):
         return batches_loader(steps)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_items, batch_size=64, collate_fn=list)
+        return batches_loader(Shard(self.val_items, 64))
+
+
+class Shard(IterableDataset):
+    """This data-parallel process's share of the held-out items (items ``rank::world``: every item exactly
+    once over all processes, where Lightning's distributed sampler would repeat some to even the shares), in
+    batches. In one process: every item, in order."""
+
+    def __init__(self, items: list[dict], batch_size: int):
+        self.items, self.batch_size = items, batch_size
+
+    def __iter__(self):
+        rank, world = rank_and_world()
+        mine = self.items[rank::world]
+        for lo in range(0, len(mine), self.batch_size):
+            yield mine[lo:lo + self.batch_size]
 
 
 # ----------------------------------------------------------------------------------------------- rollout
@@ -175,24 +198,25 @@ class Reference:
 Scorer = Callable[[list[dict], list[str]], Tensor]
 
 
-def model_reward(reward_model, batch_size: int = 64) -> Scorer:
+class model_reward:  # noqa: N801  (a scorer factory by name; a class so that DDP's spawned processes can pickle it)
     """Score responses with a loaded :class:`pipeline.rewards.RewardModel`, normalized by the mean and std
     its training pairs had (so a score of 1 = one training-pair spread above their mean)."""
-    from pipeline.rewards import sequence_rewards
-    from pipeline.tokens import left_pad
 
-    tok = reward_model.tokenizer
+    def __init__(self, reward_model, batch_size: int = 64):
+        self.reward_model, self.batch_size = reward_model, batch_size
 
     @torch.no_grad()
-    def score(rows: list[dict], texts: list[str]) -> Tensor:
+    def __call__(self, rows: list[dict], texts: list[str]) -> Tensor:
+        from pipeline.rewards import sequence_rewards
+        from pipeline.tokens import left_pad
+
+        tok = self.reward_model.tokenizer
         ids = [render_ids(tok, r["messages"] + [{"role": "assistant", "content": t}]) for r, t in zip(rows, texts, strict=True)]
         out = []
-        for lo in range(0, len(ids), batch_size):
-            input_ids, mask = left_pad(ids[lo:lo + batch_size], tok.pad_token_id)
-            out.append(sequence_rewards(reward_model.model, input_ids, mask))
-        return reward_model.normalize(torch.cat(out))
-
-    return score
+        for lo in range(0, len(ids), self.batch_size):
+            input_ids, mask = left_pad(ids[lo:lo + self.batch_size], tok.pad_token_id)
+            out.append(sequence_rewards(self.reward_model.model, input_ids, mask))
+        return self.reward_model.normalize(torch.cat(out))
 
 
 # grpo.reward: pass/fail verifiable rewards (no model, nothing to exploit but the task), or the verifier's full
@@ -262,10 +286,12 @@ class OnlineModule(StageModule):
     # ---- optimization
     def training_step(self, items: list[dict], batch_idx: int) -> None:
         it = self.iteration
-        roll = self.sample(items, seed=self.seed * 1_000_003 + it)
+        rank, world = rank_and_world()  # each data-parallel process samples its own prompts with its own seed
+        roll = self.sample(items, seed=self.seed * 1_000_003 + it * world + rank)
         metrics = self.iteration_update(roll)
         metrics.update({"response_length": float(roll.mask.sum(-1).mean()),
                         "unfinished_rate": float((~roll.finished).float().mean())})
+        metrics = mean_over_processes(metrics)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True)
         self.history.append({"iteration": it + 1, **{f"train/{k}": round(float(v), 5) for k, v in metrics.items()}})
 
@@ -303,16 +329,36 @@ class OnlineModule(StageModule):
                           "correct": sum(correct), "verified": len(correct)})
 
     def on_validation_epoch_end(self) -> None:
-        n = sum(v["n"] for v in self._val)
-        verified = sum(v["verified"] for v in self._val)
-        metrics = {"val/reward": sum(v["reward"] for v in self._val) / n,
-                   "val/response_length": sum(v["length"] for v in self._val) / n}
+        totals = {k: sum(v[k] for v in self._val) for k in ("reward", "n", "length", "correct", "verified")}
+        totals = sum_over_processes(totals)  # every process validated its own share of the held-out prompts
+        n, verified = totals["n"], totals["verified"]
+        metrics = {"val/reward": totals["reward"] / n, "val/response_length": totals["length"] / n}
         if verified:
-            metrics["val/accuracy"] = sum(v["correct"] for v in self._val) / verified
+            metrics["val/accuracy"] = totals["correct"] / verified
         self._val = []
         self.log_dict(metrics)
         if self.trainer.state.fn == "fit":
             self.history.append({"iteration": self.iteration, **metrics})
+
+
+def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the data-parallel processes (the values themselves in one process)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(total)
+    return dict(zip(values, total.tolist(), strict=True))
+
+
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the data-parallel processes. Every process holds as many rows, so this is the
+    mean over all rows; token means (:func:`pipeline.rl.masked_mean`) are already each process's share of it
+    times the world size."""
+    _, world = rank_and_world()
+    return values if world == 1 else {k: v / world for k, v in sum_over_processes(values).items()}
 
 
 # -------------------------------------------------------------------------------------------------- stage
@@ -383,6 +429,7 @@ def run_stage(ctx, make_module: Callable, reward: str,
     return {**result.metrics(),
             **{k: round(v, 4) for k, v in last.items() if k.startswith("train/")},
             "train/prompts": len(datamodule.train_items), "val/prompts": len(datamodule.val_items),
+            "train/world_size": result.trainer.world_size,  # data-parallel processes (trainer.devices with ddp)
             "train/seconds_per_iteration": round(result.seconds / max(1, c.iterations), 3),
             "train/seconds": round(time.time() - start, 1)}
 

@@ -7,6 +7,12 @@ and has a hand-checked test.
 
 Notation: logp = log pi_theta(token | context) now, old = the same when the batch was sampled,
 ref = under the reference (the SFT model), A = advantage, R = return, V = critic value.
+
+Data parallelism (``trainer=ddp_cpu``, ``ddp``): each process holds its own sampled rows, and DDP averages the
+gradients of the processes' losses. For that average to equal the gradient of one process on the union of the
+rows, every token mean is taken over the tokens of *all* processes (:func:`masked_mean` divides this process's
+sum by the global count / world size) and whitening uses the global mean and variance (:func:`masked_var`).
+In one process every function reduces to its plain form, value for value.
 """
 
 from __future__ import annotations
@@ -19,24 +25,60 @@ import torch
 Tensor = torch.Tensor
 
 
+def world_size() -> int:
+    """Data-parallel processes in this torch.distributed group (1 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_sum(x: Tensor) -> Tensor:
+    """``x`` summed over the data-parallel processes, without gradient (``x`` itself in one process)."""
+    if world_size() == 1:
+        return x
+    import torch.distributed as dist
+
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` where ``mask`` is 1 (over all elements, or along ``dim``)."""
-    if dim is None:
+    """Mean of ``x`` where ``mask`` is 1 (over all elements, or along ``dim``: per row, local).
+
+    Over all elements under data parallelism: this process's sum over (the count of every process / world
+    size), so that DDP's average of the processes' values (and gradients) is the mean over all their tokens."""
+    if dim is not None:
+        return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    world = world_size()
+    if world == 1:
         return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    return (x * mask).sum() / (all_sum(mask.sum()).clamp(min=1) / world)
+
+
+def row_mean(x: Tensor) -> Tensor:
+    """Mean of a per-row tensor over every data-parallel process's rows (``x.mean()`` in one process)."""
+    if world_size() == 1:
+        return x.mean()
+    return all_sum(x.detach().sum()) / all_sum(torch.tensor(float(x.numel())))
+
+
+def global_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` where ``mask`` is 1 over the entries of every data-parallel process (no gradient across)."""
+    return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
 
 
 def masked_var(x: Tensor, mask: Tensor) -> Tensor:
-    """Unbiased variance of ``x`` where ``mask`` is 1."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    """Unbiased variance of ``x`` where ``mask`` is 1, over every data-parallel process's entries."""
+    mean = global_mean(x, mask)
+    n = all_sum(mask.sum())
+    return all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """``x`` scaled to unit variance over the masked entries (and centred if ``shift_mean``); padding
     stays 0. Used on advantages (always) and on per-token rewards (``ppo.whiten_rewards``)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = global_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

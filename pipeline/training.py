@@ -104,6 +104,14 @@ class StageModule(L.LightningModule):
         if isinstance(dataset, StepBatches):
             dataset.start = self.trainer.global_step * self.trainer.accumulate_grad_batches
 
+    # The history travels with the module's state dict too: under ``ddp_spawn`` the spawned processes train and
+    # only the state dict comes back to the stage's process (Lightning's multiprocessing launcher).
+    def get_extra_state(self) -> dict:
+        return {"history": self.history}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+
     # Frozen weights are not saved in checkpoints (they come from the stage's inputs), so loading
     # must accept a state dict holding only the trainable parameters and buffers.
     strict_loading = False

@@ -146,9 +146,9 @@ class PPOModule(OnlineModule):
                                ("clip_fraction", stats["clip_fraction"]), ("approx_kl", stats["approx_kl"])):
                 totals[key] += float(value.detach())
             updates += 1
-        kl_per_sequence = float(kl.sum(-1).mean())
+        kl_per_sequence = float(rl.row_mean(kl.sum(-1)))  # over every process's rows: one beta for all of them
         beta = self.kl.value
-        self.kl.update(kl_per_sequence, len(roll))
+        self.kl.update(kl_per_sequence, len(roll) * rl.world_size())
         return {"reward": float(raw.mean()), "score": float(scores.mean()), "kl": kl_per_sequence, "beta": beta,
                 "entropy": float(rl.masked_mean(entropy, mask)),
                 "explained_variance": float(rl.explained_variance(old_values, returns, mask)),
