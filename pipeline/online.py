@@ -151,9 +151,12 @@ def token_logps(model, roll: Rollout, with_entropy: bool = False, temperature: f
     distribution at each response position), with the logits divided by the sampling ``temperature`` so
     that they are the log-probs of the distribution the responses were drawn from (as TRL's GRPO does).
     Plain log-softmax + gather in fp32: what trl's ``selective_log_softmax`` does, without importing trl
-    (~10 s) into the stage."""
-    out = padded_forward(model, roll.input_ids, roll.attention_mask, use_cache=False)
-    logp, logp_all = tokens.token_logps(out.logits[:, roll.width - 1:-1], roll.input_ids[:, roll.width:], temperature)
+    (~10 s) into the stage. The LM head runs on the response positions only (``logits_to_keep``, as TRL's
+    GRPO): the prompt's logits are never read, and on a real vocabulary (49,152 for SmolLM2) they are most
+    of the forward's logits memory."""
+    steps = roll.input_ids.shape[1] - roll.width
+    out = padded_forward(model, roll.input_ids, roll.attention_mask, use_cache=False, logits_to_keep=steps + 1)
+    logp, logp_all = tokens.token_logps(out.logits[:, :-1], roll.input_ids[:, roll.width:], temperature)
     logp = logp * roll.mask
     entropy = -(logp_all.exp() * logp_all).sum(-1) * roll.mask if with_entropy else None
     return logp, entropy
