@@ -146,17 +146,41 @@ def build_rollout(rows: list[dict], prompts: list[list[int]], generated: list[Ge
     return Rollout(rows, [g.text for g in generated], ids, attention, mask, finished, width)
 
 
-def token_logps(model, roll: Rollout, with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+def response_logits(model, roll: Rollout, group: int = 1) -> Tensor:
+    """Logits (n, T, V) predicting each response token. ``group`` > 1: rows ``g*group .. g*group+group-1`` share
+    one prompt (GRPO's samples of a prompt); each prompt then runs through the model once, its KV cache repeated
+    for its ``group`` responses, and only the responses run per row (as ``dpo.share_prompt`` does for a pair's two
+    responses; gradients flow back through the cache). Same values as one forward per row up to float rounding
+    (a test checks it); a real model's chat prompt (SmolLM2's system turn) is most of each row's tokens."""
+    width, steps = roll.width, roll.input_ids.shape[1] - roll.width
+    heads = torch.arange(0, len(roll), group)
+    prompts, prompt_mask = roll.input_ids[heads, :width], roll.attention_mask[heads, :width]
+    shared = group > 1 and len(roll) % group == 0 and torch.equal(
+        roll.input_ids[:, :width], prompts.repeat_interleave(group, 0))
+    if not shared:
+        return padded_forward(model, roll.input_ids, roll.attention_mask, use_cache=False,
+                              logits_to_keep=steps + 1).logits[:, :-1]
+    out = padded_forward(model, prompts, prompt_mask, use_cache=True, logits_to_keep=1)
+    cache, first = out.past_key_values, out.logits[:, -1]
+    cache.batch_repeat_interleave(group)
+    lengths = prompt_mask.sum(-1).repeat_interleave(group)
+    positions = lengths[:, None] + torch.arange(steps, device=lengths.device)[None]
+    out = model(input_ids=roll.input_ids[:, width:], position_ids=positions, past_key_values=cache, use_cache=True,
+                attention_mask=torch.cat([prompt_mask.repeat_interleave(group, 0), roll.attention_mask[:, width:]], 1))
+    return torch.cat([first.repeat_interleave(group, 0)[:, None], out.logits[:, :-1]], 1)
+
+
+def token_logps(model, roll: Rollout, with_entropy: bool = False, temperature: float = 1.0,
+                group: int = 1) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (n, T) of the responses under ``model`` (and the entropy of its next-token
     distribution at each response position), with the logits divided by the sampling ``temperature`` so
     that they are the log-probs of the distribution the responses were drawn from (as TRL's GRPO does).
     Plain log-softmax + gather in fp32: what trl's ``selective_log_softmax`` does, without importing trl
     (~10 s) into the stage. The LM head runs on the response positions only (``logits_to_keep``, as TRL's
     GRPO): the prompt's logits are never read, and on a real vocabulary (49,152 for SmolLM2) they are most
-    of the forward's logits memory."""
-    steps = roll.input_ids.shape[1] - roll.width
-    out = padded_forward(model, roll.input_ids, roll.attention_mask, use_cache=False, logits_to_keep=steps + 1)
-    logp, logp_all = tokens.token_logps(out.logits[:, :-1], roll.input_ids[:, roll.width:], temperature)
+    of the forward's logits memory. ``group``: see :func:`response_logits`."""
+    logits = response_logits(model, roll, group)
+    logp, logp_all = tokens.token_logps(logits, roll.input_ids[:, roll.width:], temperature)
     logp = logp * roll.mask
     entropy = -(logp_all.exp() * logp_all).sum(-1) * roll.mask if with_entropy else None
     return logp, entropy
@@ -190,11 +214,11 @@ class Reference:
             raise ValueError("a reference needs an adapter on the policy or a frozen copy")
 
     @torch.no_grad()
-    def logps(self, roll: Rollout) -> Tensor:
+    def logps(self, roll: Rollout, group: int = 1) -> Tensor:
         if self.copy is not None:
-            return token_logps(self.copy, roll, temperature=self.temperature)[0]
+            return token_logps(self.copy, roll, temperature=self.temperature, group=group)[0]
         with self.policy.disable_adapter():
-            return token_logps(self.policy, roll, temperature=self.temperature)[0]
+            return token_logps(self.policy, roll, temperature=self.temperature, group=group)[0]
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -301,9 +325,9 @@ class OnlineModule(StageModule):
     def iteration_update(self, roll: Rollout) -> dict[str, float]:
         raise NotImplementedError
 
-    def policy_logps(self, roll: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    def policy_logps(self, roll: Rollout, with_entropy: bool = False, group: int = 1) -> tuple[Tensor, Tensor | None]:
         """The policy's per-token log-probs of sampled responses, at the sampling temperature."""
-        return token_logps(self.model, roll, with_entropy, self.c.temperature)
+        return token_logps(self.model, roll, with_entropy, self.c.temperature, group)
 
     def minibatches(self, n: int):
         """Index tensors of each update: ``epochs`` shuffled passes over the batch."""

@@ -271,6 +271,7 @@ class GrpoStageConfig(OnlineStageConfig):
     group_size: int = bounded(2)
     kl_coef: float = bounded(0.0)
     scale_advantages: bool = True
+    share_prompt: bool = False
 
 
 @dataclass

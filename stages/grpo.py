@@ -47,17 +47,26 @@ class GRPOModule(OnlineModule):
 
     def iteration_update(self, roll: Rollout) -> dict[str, float]:
         c, mask = self.c, roll.mask
+        group = self.k if c.share_prompt else 1
+        # One update on the whole batch (epochs 1, one minibatch): the sampling policy's log-probs are the update's
+        # own, detached, so their separate forward is skipped (as TRL's GRPO does with num_iterations=1).
+        on_policy = self.updates_per_iteration == 1
         with torch.no_grad():
-            old_logp, entropy = self.policy_logps(roll, with_entropy=True)
-            ref_logp = self.reference.logps(roll)
+            old_logp, entropy = (None, None) if on_policy else self.policy_logps(roll, with_entropy=True, group=group)
+            ref_logp = self.reference.logps(roll, group=group)
             raw, scores = self.scores(roll)
             advantages = rl.group_advantages(scores, self.k, scale=c.scale_advantages)[:, None] * mask
             flat = (scores.view(-1, self.k).std(-1) == 0).float().mean()
         totals = {"policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
         updates = 0
         for idx in self.minibatches(len(roll)):
+            if on_policy:  # the whole batch in its own order, so each prompt's rows stay together
+                idx = torch.arange(len(roll))
+                logp, entropy = self.policy_logps(roll, with_entropy=True, group=group)
+                old_logp, entropy = logp.detach(), entropy.detach()
             mb, m = roll.select(idx), mask[idx]
-            logp, _ = self.policy_logps(mb)
+            if not on_policy:
+                logp, _ = self.policy_logps(mb)
             pg_loss, stats = rl.policy_loss(logp, old_logp[idx], advantages[idx], m, c.clip)
             kl = rl.masked_mean(rl.kl_k3(logp, ref_logp[idx]), m)
             self.step(pg_loss + c.kl_coef * kl)

@@ -311,3 +311,65 @@ def test_one_task_instance_never_sits_on_both_sides_of_a_split():
     assert not {holdout_key(p) for p in train} & {holdout_key(p) for p in val}
     # rows without an instance key (user data) are split by prompt
     assert holdout_key({"prompt_id": "x", "messages": []}) == "x"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grouped_prompts_give_the_plain_forwards_log_probs_and_gradients(tmp_path, arch):
+    """grpo.share_prompt: each prompt once, its KV cache repeated for its G responses = one forward per row."""
+    from omegaconf import OmegaConf
+
+    from conftest import save_tiny_model
+    from pipeline import adapters
+    from pipeline.generation import Generated
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.online import build_rollout, token_logps
+
+    folder = save_tiny_model(tmp_path / "model", arch)
+    tok = load_tokenizer(folder)
+    peft = OmegaConf.create({"method": "lora", "target_modules": "auto", "quantize_base": None,
+                             "options": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}})
+    model = adapters.apply(load_causal_lm(folder), peft)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]                          # different lengths: left padding in the prompt
+    responses = [[20, 21, 22], [23], [24, 25, 26, 27], [28, 29], [30, 31, 32], [33]]   # 3 per prompt, ragged
+    generated = [Generated(tok.decode(r), r, i % 2 == 0) for i, r in enumerate(responses)]
+    roll = build_rollout([{}] * 6, [p for p in prompts for _ in range(3)], generated, tok.pad_token_id)
+    results, rows = [], []
+    model.get_base_model().register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
+                                                     with_kwargs=True)
+    for group in (1, 3):
+        model.zero_grad()
+        rows.clear()
+        logp, entropy = token_logps(model, roll, with_entropy=True, temperature=0.7, group=group)
+        assert rows == ([6] if group == 1 else [2, 6])                   # shared: the 2 prompts once, then 6 responses
+        (logp.sum() + entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), entropy.detach(), grads))
+    (plain, plain_entropy, plain_grads), (shared, shared_entropy, shared_grads) = results
+    assert (plain != 0).sum() == roll.mask.sum()                         # every real response token has a log-prob
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_entropy, plain_entropy, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == shared_grads.keys() and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_grpo_one_update_per_iteration_skips_the_old_forward_and_shared_prompts_change_nothing(tmp_path):
+    """With one update per batch, GRPO takes the sampling policy's log-probs from the update's own forward; with
+    grpo.share_prompt the prompt runs once per group. Both give the same update as the plain path."""
+    weights = []
+    for share in (False, True):
+        module, data, c = toy_module(tmp_path / str(share), "grpo", iterations=1, prompts_per_iteration=4, group_size=4,
+                                     minibatch_size=16, epochs=1, max_new_tokens=6, lr=1e-2, share_prompt=share)
+        assert module.updates_per_iteration == 1
+        before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        calls = []
+        original = module.policy_logps
+        module.policy_logps = lambda *a, calls=calls, original=original, **kw: (calls.append(kw.get("group", 1))
+                                                                             or original(*a, **kw))
+        history = fit(module, data, c)
+        assert calls == [4 if share else 1]                              # one policy forward, the update's own
+        assert history[0]["train/clip_fraction"] == 0.0                  # on-policy: ratio exactly 1
+        weights.append({n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad})
+        assert any(not torch.equal(weights[-1][n], before[n]) for n in before)   # the update moved the adapter
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)

@@ -343,7 +343,7 @@ def dpo_side(ours: bool):
 
 
 GRPO = ["grpo.prompts_per_iteration=4", "grpo.group_size=4", "grpo.minibatch_size=16", "grpo.max_new_tokens=32",
-        "grpo.epochs=1", "grpo.temperature=0.7", "grpo.reward=verifier"]
+        "grpo.epochs=1", "grpo.temperature=0.7", "grpo.reward=verifier", "grpo.share_prompt=true"]
 
 
 def prompts_file(cfg, n: int) -> Path:
