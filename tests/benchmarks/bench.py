@@ -64,7 +64,8 @@ BENCHES = {
                  "default), ours with the shared prompt (dpo.share_prompt)"),
     "grpo": Bench("posttrain grpo", "TRL GRPOTrainer", "iterations/s", 2.0,
                   "one iteration = sample 4 prompts x 4 (max 32 new tokens, temperature 0.7), score with the suite's "
-                  "pass/fail verifier, one update on the 16 sequences with the k3 KL to the adapter-off reference"),
+                  "pass/fail verifier, one update on the 16 sequences with the k3 KL to the adapter-off reference; ours "
+                  "with grpo.share_prompt=true, as experiment=real"),
     "collect": Bench("posttrain collect", "batched model.generate", "tokens/s", None,
                      "sampling 16 prompts x 4 samples, max 32 new tokens, top-p 0.95: collect's decoder (each "
                      "prompt's prefill once, its KV cache shared by the k samples) vs one batched generate call"),
