@@ -189,6 +189,58 @@ def save_tiny_config_model(folder: Path, config_class: str, style: str | None = 
     return folder
 
 
+def digit_share(rows: list[dict], texts: list[str]):
+    """A toy reward: the share of digits in the response (about 1 in 10 tokens for a random tiny model)."""
+    import torch
+
+    return torch.tensor([sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts])
+
+
+def toy_module(tmp_path: Path, stage: str, scorer=digit_share, module_class=None, **values):
+    """A tiny random Llama with LoRA, 40 prompts (``{"id": i, "Say i."}``), and the online stage's module
+    (``module_class``: the stage's own, or a subclass a test overrides) on ``scorer``, with ``<stage>.<key>``
+    set to each of ``values``. Returns (module, prompt data, the stage's config)."""
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline import adapters
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.online import PromptData, Reference
+
+    folder = save_tiny_model(tmp_path / "model", "llama")
+    tok, model = load_tokenizer(folder), load_causal_lm(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the 0.02 init: a near-uniform model barely moves under LoRA
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3)
+    cfg = compose(f"stage={stage}", "experiment=smoke")
+    for key, value in values.items():
+        OmegaConf.update(cfg, f"{stage}.{key}", value)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": f"Say {i}."}]}) + "\n"
+                               for i in range(40)))
+    data = PromptData(prompts, tok, cfg.seed, cfg[stage])
+    data.setup()
+    adapter_config = adapters.peft_config(cfg.peft, model)
+    model = adapters.apply(model, cfg.peft)
+    reference = Reference(model)
+    if stage == "ppo":
+        from stages.ppo import CRITIC, Critic, PPOModule, hidden_size
+
+        model.add_adapter(CRITIC, adapter_config)
+        model.set_requires_grad(list(model.peft_config), True)
+        module = (module_class or PPOModule)(model, tok, cfg, scorer, reference,
+                                             Critic(model, hidden_size(model), shared=True))
+    else:
+        from stages.grpo import GRPOModule
+
+        module = (module_class or GRPOModule)(model, tok, cfg, scorer, reference)
+    return module, data, cfg[stage]
+
+
 @pytest.fixture(scope="session")
 def sft_chain(smoke_chain, tmp_path_factory) -> Path:
     """The smoke chain through sft (a copy of ``smoke_chain`` plus the sft stage), shared read-only."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_chain, run_stage
+from conftest import copy_chain, run_stage, toy_module
 from stages.grpo import GRPOModule
 from stages.ppo import PPOModule
 
@@ -95,42 +95,14 @@ class FixedPPO(FixedSampling, PPOModule):
     pass
 
 
-def fixed_module(stage: str, folder: Path, prompts: Path, prompts_per_iteration: int, grads_path: Path):
-    from omegaconf import OmegaConf
-
-    from conftest import compose
-    from pipeline import adapters
-    from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.online import PromptData, Reference
-    from stages.ppo import CRITIC, Critic, hidden_size
-
-    tok, model = load_tokenizer(folder), load_causal_lm(folder)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-    cfg = compose(f"stage={stage}", "experiment=smoke")
+def fixed_module(stage: str, folder: Path, prompts_per_iteration: int, grads_path: Path):
+    """The toy online module on fixed responses, one update per iteration on the whole batch (minibatch = every
+    sequence of a process), a fixed beta."""
     group = 2 if stage == "grpo" else 1
-    # One update per iteration on the whole batch (minibatch = every sequence of a process), a fixed beta.
-    for key, value in dict(prompts_per_iteration=prompts_per_iteration, minibatch_size=prompts_per_iteration * group,
-                           epochs=1, iterations=1, lr=1e-3, missing_eos_penalty=0.5).items():
-        OmegaConf.update(cfg, f"{stage}.{key}", value)
-    if stage == "grpo":
-        OmegaConf.update(cfg, "grpo.group_size", group)
-    else:
-        OmegaConf.update(cfg, "ppo.kl_target", None)
-    data = PromptData(prompts, tok, cfg.seed, cfg[stage])
-    data.setup()
-    adapter_config = adapters.peft_config(cfg.peft, model)
-    model = adapters.disable_dropout(adapters.apply(model, cfg.peft))
-    reference = Reference(model)
-    if stage == "ppo":
-        model.add_adapter(CRITIC, adapter_config)
-        model.set_requires_grad(list(model.peft_config), True)
-        module = FixedPPO(model, tok, cfg, fixed_scores, reference, Critic(model, hidden_size(model), shared=True))
-    else:
-        module = FixedGRPO(model, tok, cfg, fixed_scores, reference)
+    extra = {"group_size": group} if stage == "grpo" else {"kl_target": None}
+    module, data, _ = toy_module(folder, stage, scorer=fixed_scores, module_class=FixedGRPO if stage == "grpo" else FixedPPO,
+                                 prompts_per_iteration=prompts_per_iteration, minibatch_size=prompts_per_iteration * group,
+                                 epochs=1, iterations=1, lr=1e-3, missing_eos_penalty=0.5, **extra)
     module.grads_path = str(grads_path)
     return module, data
 
@@ -140,16 +112,11 @@ def fixed_module(stage: str, folder: Path, prompts: Path, prompts_per_iteration:
 def test_two_processes_give_the_gradient_of_one_process_on_the_union_of_their_prompts(stage, tmp_path):
     import lightning as L
 
-    from conftest import save_tiny_model
     from pipeline.training import StepBatches
 
-    folder = save_tiny_model(tmp_path / "model", "llama")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": f"Say {i}."}]}) + "\n"
-                               for i in range(40)))
     runs = {}
     for devices, per_process in ((1, 8), (2, 4)):
-        module, data = fixed_module(stage, folder, prompts, per_process, tmp_path / f"grads{devices}.pt")
+        module, data = fixed_module(stage, tmp_path / f"devices{devices}", per_process, tmp_path / f"grads{devices}.pt")
         if devices == 2:  # the processes' halves differ in tokens, so a per-process token mean would be wrong
             halves = [[int(data.train_items[i]["row"]["id"]) for i in StepBatches(len(data.train_items), 4, 2, data.seed,
                                                                                     list).indices(r)] for r in (0, 1)]

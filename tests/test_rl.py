@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import toy_module
 from pipeline import rl
 
 
@@ -123,51 +123,6 @@ def test_group_advantages_whitening_and_the_small_helpers():
 
 
 # ------------------------------------------------------------------------------------ toy reward, tiny model
-def digit_share(rows: list[dict], texts: list[str]) -> torch.Tensor:
-    """A toy reward: the share of digits in the response (about 1 in 10 tokens for a random tiny model)."""
-    return torch.tensor([sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts])
-
-
-def toy_module(tmp_path: Path, stage: str, **values):
-    """A tiny random Llama with LoRA, 40 prompts, and the stage's module on the toy reward."""
-    from omegaconf import OmegaConf
-
-    from conftest import compose, save_tiny_model
-    from pipeline import adapters
-    from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.online import PromptData, Reference
-
-    folder = save_tiny_model(tmp_path / "model", "llama")
-    tok, model = load_tokenizer(folder), load_causal_lm(folder)
-    torch.manual_seed(0)
-    with torch.no_grad():  # larger weights than the 0.02 init: a near-uniform model barely moves under LoRA
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-    cfg = compose(f"stage={stage}", "experiment=smoke")
-    for key, value in values.items():
-        OmegaConf.update(cfg, f"{stage}.{key}", value)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": f"Say {i}."}]}) + "\n"
-                               for i in range(40)))
-    data = PromptData(prompts, tok, cfg.seed, cfg[stage])
-    data.setup()
-    adapter_config = adapters.peft_config(cfg.peft, model)
-    model = adapters.apply(model, cfg.peft)
-    reference = Reference(model)
-    if stage == "ppo":
-        from stages.ppo import CRITIC, Critic, PPOModule, hidden_size
-
-        model.add_adapter(CRITIC, adapter_config)
-        model.set_requires_grad(list(model.peft_config), True)
-        module = PPOModule(model, tok, cfg, digit_share, reference, Critic(model, hidden_size(model), shared=True))
-    else:
-        from stages.grpo import GRPOModule
-
-        module = GRPOModule(model, tok, cfg, digit_share, reference)
-    return module, data, cfg[stage]
-
-
 def fit(module, data, c) -> list[dict]:
     import lightning as L
 

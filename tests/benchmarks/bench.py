@@ -126,15 +126,9 @@ def suite_rows(cfg, split: str, n: int) -> list[dict]:
 
 def pairs(cfg, n: int) -> list[dict]:
     """Preference pairs of the suite: the bare answer chosen over a verbose one."""
-    from pipeline import suite
+    from bench_dpo import suite_pairs
 
-    rng = random.Random(cfg.seed)
-    rows = []
-    for i in range(n):
-        ex = suite.make_example(suite.TASK_FAMILIES[i % len(suite.TASK_FAMILIES)], 0, rng)
-        rows.append({"messages": [{"role": "user", "content": ex.prompt}], "chosen": ex.answer,
-                     "rejected": suite.demonstration(ex, verbose=True)})
-    return rows
+    return suite_pairs(n, cfg.seed)
 
 
 def peak_rss_gb() -> float:
@@ -205,7 +199,7 @@ def trl_args(config_class, steps: int, lr: float, batch: int, seed: int, **kw):
                         dataloader_num_workers=0, seed=seed, **kw)
 
 
-def mfu(model, flops_per_step: float, seconds_per_step: float) -> dict:
+def mfu(flops_per_step: float, seconds_per_step: float) -> dict:
     from pipeline.flops import matmul_peak
 
     peak = matmul_peak()
@@ -240,7 +234,7 @@ def sft_ours(model_dir: Path, steps: int) -> dict:
     flops = sum(training_flops(model, int(b["input_ids"].numel()), int((b["labels"][:, 1:] != -100).sum()),
                                b["input_ids"].shape[1]) for b in timed)
     return {"rate": tokens / clock.seconds, "tokens_per_step": tokens / steps,
-            **mfu(model, flops / steps, clock.seconds / steps)}
+            **mfu(flops / steps, clock.seconds / steps)}
 
 
 def sft_trl(model_dir: Path, steps: int) -> dict:
@@ -405,18 +399,19 @@ def grpo_trl(model_dir: Path, iterations: int) -> dict:
 
 
 def decode_inputs(model_dir: Path, split: str, n: int):
+    """The model (eval mode), its tokenizer and ``n`` rendered prompts of the suite's ``split``."""
     from pipeline.models import load_causal_lm, load_tokenizer, render_ids
 
     cfg = config(model_dir)
     tok = load_tokenizer(str(model_dir))
     rows = suite_rows(cfg, split, n)
     prompts = [render_ids(tok, r["messages"][:-1], add_generation_prompt=True) for r in rows]
-    return cfg, load_causal_lm(str(model_dir)).eval(), tok, prompts
+    return load_causal_lm(str(model_dir)).eval(), tok, prompts
 
 
 def collect_side(ours: bool):
     def side(model_dir: Path, repeats: int) -> dict:
-        cfg, model, tok, prompts = decode_inputs(model_dir, "prompts", 16)
+        model, tok, prompts = decode_inputs(model_dir, "prompts", 16)
         settings = dict(do_sample=True, temperature=1.0, top_p=0.95)
         return decode(model, tok, prompts, 32, 4, ours, settings, repeats)
 
@@ -425,7 +420,7 @@ def collect_side(ours: bool):
 
 def evaluate_side(ours: bool):
     def side(model_dir: Path, repeats: int) -> dict:
-        cfg, model, tok, prompts = decode_inputs(model_dir, "test", 32)
+        model, tok, prompts = decode_inputs(model_dir, "test", 32)
         out = decode(model, tok, prompts, 48, 1, ours, {"do_sample": False}, repeats)
         return {**out, "rate": out["prompts_per_second"]}
 

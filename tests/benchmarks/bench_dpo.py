@@ -43,19 +43,23 @@ def model_source(cfg) -> str:
     return str(folder)
 
 
-def pairs(n: int) -> list[dict]:
-    path = Path("data/collect/pairs.jsonl")
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-    else:
-        from pipeline import suite
+def suite_pairs(n: int, seed: int) -> list[dict]:
+    """``n`` preference pairs of the embedded suite: the bare answer chosen over a verbose one."""
+    from pipeline import suite
 
-        rng = random.Random(0)
-        rows = []
-        for i in range(n):
-            ex = suite.make_example(suite.TASK_FAMILIES[i % len(suite.TASK_FAMILIES)], 0, rng)
-            rows.append({"messages": [{"role": "user", "content": ex.prompt}], "chosen": ex.answer,
-                         "rejected": suite.demonstration(ex, verbose=True)})
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        ex = suite.make_example(suite.TASK_FAMILIES[i % len(suite.TASK_FAMILIES)], 0, rng)
+        rows.append({"messages": [{"role": "user", "content": ex.prompt}], "chosen": ex.answer,
+                     "rejected": suite.demonstration(ex, verbose=True)})
+    return rows
+
+
+def pairs(n: int) -> list[dict]:
+    """The default chain's collected pairs when they exist, else suite pairs; ``n`` of them."""
+    path = Path("data/collect/pairs.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else suite_pairs(n, 0)
     return (rows * (n // len(rows) + 1))[:n]
 
 
