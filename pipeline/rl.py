@@ -27,9 +27,9 @@ Tensor = torch.Tensor
 
 def world_size() -> int:
     """Data-parallel processes in this torch.distributed group (1 outside one)."""
-    import torch.distributed as dist
+    from pipeline.training import rank_and_world
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world()[1]
 
 
 def all_sum(x: Tensor) -> Tensor:

@@ -64,9 +64,9 @@ class GRPOModule(OnlineModule):
                 idx = torch.arange(len(roll))
                 logp, entropy = self.policy_logps(roll, with_entropy=True, group=group)
                 old_logp, entropy = logp.detach(), entropy.detach()
-            mb, m = roll.select(idx), mask[idx]
-            if not on_policy:
-                logp, _ = self.policy_logps(mb)
+            else:
+                logp, _ = self.policy_logps(roll.select(idx))
+            m = mask[idx]
             pg_loss, stats = rl.policy_loss(logp, old_logp[idx], advantages[idx], m, c.clip)
             kl = rl.masked_mean(rl.kl_k3(logp, ref_logp[idx]), m)
             self.step(pg_loss + c.kl_coef * kl)
