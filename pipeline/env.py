@@ -27,6 +27,31 @@ def die_with_parent(sig: int | None = None) -> None:
         pass
 
 
+def set_omp_wait_policy(policy: str | None) -> bool:
+    """Set OpenMP's wait policy (``trainer.omp_wait_policy``) for this process and the ones it starts; return
+    whether it applies to this process.
+
+    OpenMP's threads spin at every barrier by default. When other processes hold the cores, a spinning thread
+    burns the time slice its peer needs, and a step can slow down 5-30x (measured, README "shared CPU");
+    ``passive`` makes idle threads sleep. The OpenMP runtime reads ``OMP_WAIT_POLICY`` once, when torch loads it,
+    so it is set here before any stage imports torch. Where torch is already loaded (a stage called in-process
+    after another) the setting would silently do nothing, so this warns and says how to get it.
+    """
+    import logging
+    import sys
+
+    if policy is None or os.environ.get("OMP_WAIT_POLICY", "").lower() == policy:
+        return True
+    if "torch" in sys.modules:
+        logging.getLogger(__name__).warning(
+            "trainer.omp_wait_policy=%s has no effect in this process: torch is already loaded (OMP_WAIT_POLICY=%s); "
+            "run the stage in its own process (python -m pipeline.run) or export OMP_WAIT_POLICY=%s",
+            policy, os.environ.get("OMP_WAIT_POLICY", "unset"), policy.upper())
+        return False
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    return True
+
+
 TELEMETRY_OFF = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.tokens import position_ids, token_logps
+from pipeline.tokens import shared_prompts, token_logps
 
 Tensor = torch.Tensor
 
@@ -159,38 +159,17 @@ def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, comple
     forward up to float rounding (a test checks it), about 40% fewer tokens through the model.
     """
     n = input_ids.shape[0] // 2
-    lengths = attention_mask.sum(-1)
-    starts = completion_mask.float().argmax(-1)                   # first response token of each row
-    plen = starts[:n]
-    width = int(plen.max())
-    prompt_ids = input_ids.new_full((n, width), pad_id)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for i in range(n):
-        p = int(plen[i])
-        prompt_ids[i, width - p:] = input_ids[i, :p]
-        prompt_mask[i, width - p:] = 1
-    positions = position_ids(prompt_mask)
+    s = shared_prompts(input_ids, attention_mask, completion_mask[:n].float().argmax(-1), pad_id)
     # Only the prompt's last logits are used (they predict the first response token): logits_to_keep=1 skips
     # the LM head on every other prompt position (a (pairs, prompt, vocab) fp32 tensor on a real vocabulary).
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=s.prompt_positions,
+                use_cache=True, logits_to_keep=1)
     cache, first_logits = out.past_key_values, out.logits[:, -1]
     cache.batch_repeat_interleave(2)                               # rows: pair 0 chosen, pair 0 rejected, ...
-    order = [row for i in range(n) for row in (i, n + i)]
-    spans = [(int(starts[r]), int(lengths[r])) for r in order]
-    resp_width = max(b - a for a, b in spans)
-    resp_ids = input_ids.new_full((2 * n, resp_width), pad_id)
-    resp_mask = torch.zeros_like(resp_ids)
-    for j, (r, (a, b)) in enumerate(zip(order, spans, strict=True)):
-        resp_ids[j, :b - a] = input_ids[r, a:b]
-        resp_mask[j, :b - a] = 1
-    resp_positions = plen.repeat_interleave(2)[:, None] + torch.arange(resp_width, device=input_ids.device)[None]
-    out = model(input_ids=resp_ids, attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), resp_mask], 1),
-                position_ids=resp_positions, past_key_values=cache, use_cache=True)
+    out = model(input_ids=s.response_ids, attention_mask=s.attention, position_ids=s.response_positions,
+                past_key_values=cache, use_cache=True)
     # The logit predicting response token t is the prompt's last (t = 0) or the response's t - 1.
     logits = torch.cat([first_logits.repeat_interleave(2, 0)[:, None], out.logits[:, :-1]], 1)
-    logp, _ = token_logps(logits, resp_ids)
-    mask = resp_mask.to(logp.dtype)
-    total, count = (logp * mask).sum(-1), mask.sum(-1)
-    back = torch.tensor([k for k in range(0, 2 * n, 2)] + [k for k in range(1, 2 * n, 2)], device=total.device)
-    return total[back], count[back]
+    logp, _ = token_logps(logits, s.response_ids)
+    mask = s.response_mask.to(logp.dtype)
+    return (logp * mask).sum(-1)[s.back], mask.sum(-1)[s.back]

@@ -55,6 +55,41 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return padded_forward(model, input_ids, attention_mask).logits[:, 0].float()
 
 
+def shared_prompt_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+                          pad_id: int) -> torch.Tensor:
+    """:func:`sequence_rewards` of a right-padded ``[chosen..., rejected...]`` batch, each pair's prompt run once.
+
+    What :func:`pipeline.losses.shared_prompt_logps` does for DPO, for a scalar head: the backbone runs the
+    prompts once, their KV cache is repeated for the two responses, and the head reads the hidden state of each
+    response's last token (the last real token of the row, where ``transformers`` pools). Gradients flow back
+    through the cache. With a chat template's system turn the prompt is most of each row (SmolLM2: ~40 of
+    ~60 tokens), so about a third of the tokens go through the model. Needs the ``score`` head and the
+    ``base_model`` backbone that ``transformers``' ``*ForSequenceClassification`` models have
+    (:func:`can_share_prompt`); same values as the plain forward up to float rounding (a test checks it).
+    """
+    from pipeline.tokens import shared_prompts
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    s = shared_prompts(input_ids, attention_mask, prompt_lens, pad_id)
+    out = inner.base_model(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=s.prompt_positions,
+                           use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)                               # rows: pair 0 chosen, pair 0 rejected, ...
+    hidden = inner.base_model(input_ids=s.response_ids, attention_mask=s.attention, position_ids=s.response_positions,
+                              past_key_values=cache, use_cache=True).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0]), s.response_mask.sum(-1) - 1]
+    return inner.score(last)[:, 0].float()[s.back]
+
+
+def can_share_prompt(model) -> bool:
+    """Whether :func:`shared_prompt_rewards` applies: a ``score`` head over a separate backbone, and no virtual
+    tokens (prompt-learning adapters prepend their own, which a cached prompt would not carry)."""
+    from pipeline.adapters import uses_virtual_tokens
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(inner, "score") and inner.base_model is not inner and not uses_virtual_tokens(model)
+
+
 @dataclass
 class RewardModel:
     """A loaded reward model: the scorer, its tokenizer, and its training-pair statistics."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline  # noqa: F401  (telemetry off before anything else loads)
-from pipeline.env import set_offline
+from pipeline.env import set_offline, set_omp_wait_policy
 from pipeline.schema import STAGES, ConfigError, validate
 
 log = logging.getLogger("pipeline.run")
@@ -38,6 +38,7 @@ def run(cfg: DictConfig):
     if cfg.stage is None:
         raise ConfigError(f"config key 'stage' needs a value; valid values: {stage.stage_names()}")
     set_offline(cfg.offline)
+    set_omp_wait_policy(cfg.trainer.omp_wait_policy)
     chosen = stage.load(cfg.stage)
     return stage.execute(chosen, route_outputs(chosen, cfg))
 

@@ -116,6 +116,7 @@ class TrainerConfig:
     strategy: str = MISSING
     precision: str = choice("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
     num_threads: int = bounded(1)
+    omp_wait_policy: Optional[str] = choice(None, "active", "passive", default=None)
     logits_chunk: Optional[int] = bounded(1)
     deterministic: bool = True
     progress_bar: bool = True
@@ -202,6 +203,7 @@ class RewardStageConfig(TrainingStageConfig):
     margin_scale: float = bounded(0.0)
     center_coef: float = bounded(0.0)
     val_share: float = bounded(0.01, 0.9)
+    share_prompt: bool = False
     max_tokens: int = bounded(8)
     min_accuracy: float = bounded(0.0, 1.0)
 

@@ -9,6 +9,7 @@ alone. Models with absolute positions (GPT-2) give padding-dependent outputs wit
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -30,6 +31,52 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 def position_ids(attention_mask: Tensor) -> Tensor:
     """Position ids that count real tokens only (0 at each row's first real token; padding gets 0)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class SharedPrompts:
+    """A right-padded ``[first..., second...]`` batch of n pairs that share their prompts, laid out to run each
+    prompt once: ``prompt_*`` holds the n prompts left-padded (so they end in the same column, ready for a KV
+    cache), ``response_*`` the 2n responses right-padded in pair order (pair 0's first, pair 0's second, ...),
+    with positions that continue each prompt's, and ``attention`` the mask of cache plus response. ``back``
+    reorders per-response results of pair order into the batch's ``[first..., second...]`` order."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    prompt_positions: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    response_positions: Tensor
+    attention: Tensor
+    back: Tensor
+
+
+def shared_prompts(input_ids: Tensor, attention_mask: Tensor, prompt_lens: Tensor, pad_id: int) -> SharedPrompts:
+    """:class:`SharedPrompts` of a ``[first..., second...]`` batch whose pair i has ``prompt_lens[i]`` prompt
+    tokens (the same in both rows: the caller guarantees it, as :func:`pipeline.preferences.tokenize_pair`
+    does). Every response needs at least one token (the end-of-turn token counts)."""
+    n = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(-1)
+    width = int(prompt_lens.max())
+    prompt_ids = input_ids.new_full((n, width), pad_id)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for i in range(n):
+        p = int(prompt_lens[i])
+        prompt_ids[i, width - p:] = input_ids[i, :p]
+        prompt_mask[i, width - p:] = 1
+    order = [row for i in range(n) for row in (i, n + i)]
+    spans = [(int(prompt_lens[r % n]), int(lengths[r])) for r in order]
+    response_width = max(b - a for a, b in spans)
+    response_ids = input_ids.new_full((2 * n, response_width), pad_id)
+    response_mask = torch.zeros_like(response_ids)
+    for j, (a, b) in enumerate(spans):
+        response_ids[j, :b - a] = input_ids[order[j], a:b]
+        response_mask[j, :b - a] = 1
+    response_positions = (prompt_lens.repeat_interleave(2)[:, None]
+                          + torch.arange(response_width, device=input_ids.device)[None])
+    back = torch.tensor(list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2)), device=input_ids.device)
+    return SharedPrompts(prompt_ids, prompt_mask, position_ids(prompt_mask), response_ids, response_mask,
+                         response_positions, torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1), back)
 
 
 def padded_forward(model, input_ids: Tensor, attention_mask: Tensor, **kwargs):

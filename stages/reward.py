@@ -5,7 +5,8 @@ or any configured causal LM, loaded as ``AutoModelForSequenceClassification`` wi
 head on the last real token (``transformers`` pools at the last non-pad token, so left and right padding
 both work). Trained through the ``peft`` group like every training stage (LoRA by default; the head is
 always trained in full) or fully (``peft=none``). Chosen and rejected responses of a batch go through one
-forward pass.
+forward pass; with ``reward.share_prompt`` each pair's prompt runs once and its KV cache serves both responses
+(:func:`pipeline.rewards.shared_prompt_rewards`).
 
 Loss (:func:`pipeline.rewards.bradley_terry_loss`): -log sigmoid(r_chosen - r_rejected - margin), with an
 optional margin of ``reward.margin_scale`` x the judge's score gap and an optional centring term
@@ -40,7 +41,14 @@ from pipeline.models import SOURCE_KEYS, base_reference, load_sequence_scorer, l
 from pipeline.outputs import write_json
 from pipeline.plots import write_histogram
 from pipeline.preferences import PreferenceData
-from pipeline.rewards import GATE_JSON, STATS_JSON, bradley_terry_loss, sequence_rewards
+from pipeline.rewards import (
+    GATE_JSON,
+    STATS_JSON,
+    bradley_terry_loss,
+    can_share_prompt,
+    sequence_rewards,
+    shared_prompt_rewards,
+)
 from pipeline.stage import Chart, Context, Input, Plot, Stage
 from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit
 
@@ -73,24 +81,31 @@ def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows, in one batch (one forward pass for both)."""
+    """Chosen rows first, then rejected rows, in one batch (one forward pass for both), right-padded, with each
+    pair's prompt length (for ``reward.share_prompt``)."""
     ids, mask = pad([it["chosen"] for it in items] + [it["rejected"] for it in items], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "gap": torch.tensor([it["gap"] for it in items], dtype=torch.float)}
+    return {"input_ids": ids, "attention_mask": mask, "gap": torch.tensor([it["gap"] for it in items], dtype=torch.float),
+            "prompt_len": torch.tensor([it["prompt_len"] for it in items], dtype=torch.long)}
 
 
 class RewardModule(StageModule):
     """Bradley-Terry training of a scalar-head model on (chosen, rejected) pairs."""
 
-    def __init__(self, model: torch.nn.Module, cfg: DictConfig):
+    def __init__(self, model: torch.nn.Module, cfg: DictConfig, pad_id: int = 0):
         super().__init__()
-        self.model, self.cfg = model, cfg.reward
+        self.model, self.cfg, self.pad_id = model, cfg.reward, pad_id
+        self.share_prompt = bool(self.cfg.share_prompt) and can_share_prompt(model)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_fit_start(self) -> None:
         self.model.train()
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+        if self.share_prompt:
+            rewards = shared_prompt_rewards(self.model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"],
+                                            self.pad_id)
+        else:
+            rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
         n = batch["gap"].shape[0]
         return rewards[:n], rewards[n:]
 
@@ -181,7 +196,7 @@ def run(ctx: Context) -> dict:
     model = adapters.apply(model, cfg.peft, task_type="SEQ_CLS")
     datamodule = PreferenceData(pairs_path, tokenizer, cfg, r, collate)
     datamodule.setup()
-    module = RewardModule(model, cfg)
+    module = RewardModule(model, cfg, tokenizer.pad_token_id)
     result = fit(ctx, module, datamodule, r.max_steps, r.val_every_n_steps, r.checkpoint_every_n_steps)
     final = result.after
     stats = reward_stats(module.model, datamodule.train_items, tokenizer.pad_token_id, r.batch_size)

@@ -210,3 +210,20 @@ def test_tab_completion_of_the_posttrain_script_completes_groups_and_keys_in_bas
     assert complete("posttrain run judge=") == ["judge=function", "judge=human", "judge=llm", "judge=verifier"]
     assert complete("posttrain run stage=sft dpo.be") == ["dpo.beta="]
     assert complete("posttrain peft=lo") == ["peft=loha", "peft=lokr", "peft=lora"]
+
+
+def test_omp_wait_policy_is_set_before_torch_loads_and_a_late_setting_says_it_does_nothing():
+    """trainer.omp_wait_policy reaches the OpenMP runtime only through the environment before torch loads."""
+    script = """
+import os, sys
+from pipeline.env import set_omp_wait_policy
+os.environ.pop("OMP_WAIT_POLICY", None)
+assert set_omp_wait_policy(None) and "OMP_WAIT_POLICY" not in os.environ
+assert set_omp_wait_policy("passive") and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+import torch
+assert set_omp_wait_policy("passive")             # what torch loaded with: nothing to say
+assert not set_omp_wait_policy("active") and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainer.omp_wait_policy=active has no effect in this process: torch is already loaded" in proc.stderr

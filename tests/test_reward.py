@@ -43,6 +43,51 @@ def test_head_reads_the_last_real_token_under_both_paddings(tmp_path, arch):
     assert len(set(alone.tolist())) == 3   # the three rows really score differently
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_rewards_equal_the_plain_forward_in_values_and_gradients(tmp_path, arch):
+    """reward.share_prompt: each pair's prompt once, its KV cache repeated for both responses, through a LoRA
+    adapter and the trained head = the plain forward of every row."""
+    from omegaconf import OmegaConf
+
+    from pipeline import adapters
+    from pipeline.preferences import tokenize_pair
+    from pipeline.rewards import can_share_prompt, shared_prompt_rewards
+    from stages.reward import collate
+
+    folder = save_tiny_model(tmp_path / "m", arch)
+    tok = load_tokenizer(folder)
+    model = load_sequence_scorer(folder)
+    model.config.pad_token_id = tok.pad_token_id
+    model = adapters.apply(model, OmegaConf.create({"method": "lora", "target_modules": "auto", "quantize_base": None,
+                                                    "options": {"r": 4, "lora_alpha": 8}}), task_type="SEQ_CLS")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    assert can_share_prompt(model)
+    pairs = [("What number comes after 41?", "42", "Let me think. The answer is 42."),
+             ("Sort the digits 3 1 2.", "1 2 3", "3 2 1"), ("Hi", "Hello there", "Go away, I am busy right now.")]
+    items = []
+    for q, c, r in pairs:
+        chosen, rejected, n = tokenize_pair(tok, {"messages": [{"role": "user", "content": q}], "chosen": c, "rejected": r})
+        items.append({"chosen": chosen, "rejected": rejected, "prompt_len": n, "gap": 1.0})
+    b = collate(items, tok.pad_token_id)
+    plain = sequence_rewards(model, b["input_ids"], b["attention_mask"])
+    (plain * torch.arange(1.0, 7.0)).sum().backward()     # distinct weights: a row mix-up changes the gradients
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    shared = shared_prompt_rewards(model, b["input_ids"], b["attention_mask"], b["prompt_len"], tok.pad_token_id)
+    (shared * torch.arange(1.0, 7.0)).sum().backward()
+    assert len(set(plain.tolist())) == 6                   # every row scores differently
+    assert torch.allclose(plain, shared, rtol=1e-5, atol=1e-5)
+    assert any("score" in k for k in grads) and any("lora_A" in k for k in grads)
+    now = dict(model.named_parameters())
+    for k, g in grads.items():   # float rounding relative to each tensor's scale (gradients reach ~300 here)
+        assert torch.allclose(g, now[k].grad, rtol=1e-4, atol=1e-5 * float(g.abs().max())), k
+
+
 def write_pairs(path: Path, n: int, separable: bool = True) -> None:
     """A separable toy set: the chosen response always praises, the rejected one always complains
     (not separable: every other pair the other way round)."""

@@ -58,7 +58,8 @@ BENCHES = {
                         "the same LoRA SFT step in a plain loop, logits on the labelled positions a chunk at a time "
                         "vs the model's logits for every position (the memory issue)"),
     "reward": Bench("posttrain reward", "TRL RewardTrainer", "pairs/s", 1.5,
-                    "Bradley-Terry reward model (scalar head + LoRA), 8 pairs per step"),
+                    "Bradley-Terry reward model (scalar head + LoRA), 8 pairs per step; ours with the shared prompt "
+                    "(reward.share_prompt), as experiment=real"),
     "dpo": Bench("posttrain dpo", "TRL DPOTrainer", "pairs/s", 1.5,
                  "sigmoid DPO, 8 pairs per step, reference log-probs precomputed once on both sides (the stage's "
                  "default), ours with the shared prompt (dpo.share_prompt)"),
@@ -276,8 +277,8 @@ def reward_items(cfg, tok, n: int) -> list[dict]:
 
     items = []
     for p in pairs(cfg, n):
-        c, r, _ = tokenize_pair(tok, p)
-        items.append({"chosen": c, "rejected": r, "gap": 1.0})
+        c, r, n = tokenize_pair(tok, p)
+        items.append({"chosen": c, "rejected": r, "prompt_len": n, "gap": 1.0})
     return items
 
 
@@ -287,7 +288,7 @@ def reward_ours(model_dir: Path, steps: int) -> dict:
     from pipeline.training import StepBatches, batches_loader
     from stages.reward import RewardModule, collate
 
-    cfg = config(model_dir, ["reward.batch_size=8", "reward.warmup_steps=0"])
+    cfg = config(model_dir, ["reward.batch_size=8", "reward.warmup_steps=0", "reward.share_prompt=true"])
     tok = load_tokenizer(str(model_dir))
     model = load_sequence_scorer(str(model_dir), cfg.model)
     model.config.pad_token_id = tok.pad_token_id
@@ -296,7 +297,7 @@ def reward_ours(model_dir: Path, steps: int) -> dict:
     items = reward_items(cfg, tok, 8 * total)
     batches = StepBatches(len(items), 8, total, cfg.seed, lambda idx: collate([items[i] for i in idx], tok.pad_token_id))
     clock = StepClock(WARMUP)
-    lightning_fit(RewardModule(model, cfg), batches_loader(batches), total, clock)
+    lightning_fit(RewardModule(model, cfg, tok.pad_token_id), batches_loader(batches), total, clock)
     return {"rate": 8 * steps / clock.seconds}
 
 
