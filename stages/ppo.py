@@ -16,7 +16,8 @@ Each iteration (Ouyang et al. 2022, sec. 3.5; Ziegler et al. 2019):
    value head (one copy of the weights in memory); ``ppo.critic=model`` uses a separate model;
 5. GAE(gamma, lambda), advantages whitened; ``ppo.epochs`` passes over shuffled minibatches of the clipped
    surrogate, the clipped value loss and an optional entropy bonus; one AdamW over policy adapter, critic
-   adapter and value head, gradients clipped.
+   adapter and value head, gradients clipped; the policy's pass is backpropagated before the critic's pass runs
+   (:meth:`pipeline.online.OnlineModule.step`), so the peak memory holds one pass's activations.
 
 Metrics each iteration (``data/plots/ppo/iterations.json``): reward (raw and penalized), KL to the
 reference, beta, entropy, clip fraction, value loss and clip fraction, explained variance, response length.
@@ -35,6 +36,7 @@ Run: ``python -m pipeline.run stage=ppo [ppo.kl_target=0.5]``
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,6 +119,20 @@ class PPOModule(OnlineModule):
         if "kl_controller" in state:
             self.kl.load_state_dict(state["kl_controller"])
 
+    def policy_term(self, mb: Rollout, old_logp: torch.Tensor, advantages: torch.Tensor, seen: dict) -> torch.Tensor:
+        """The clipped surrogate (minus the entropy bonus) of a minibatch; its statistics go into ``seen``."""
+        c = self.c
+        logp, ent = self.policy_logps(mb, with_entropy=c.entropy_coef > 0)
+        pg_loss, stats = rl.policy_loss(logp, old_logp, advantages, mb.mask, c.clip)
+        seen.update(policy_loss=pg_loss, clip_fraction=stats["clip_fraction"], approx_kl=stats["approx_kl"])
+        return pg_loss - c.entropy_coef * rl.masked_mean(ent, mb.mask) if c.entropy_coef > 0 else pg_loss
+
+    def value_term(self, mb: Rollout, old_values: torch.Tensor, returns: torch.Tensor, seen: dict) -> torch.Tensor:
+        """vf_coef x the clipped value loss of a minibatch; its statistics go into ``seen``."""
+        v_loss, v_clip = rl.value_loss(self.critic(mb), old_values, returns, mb.mask, self.c.value_clip)
+        seen.update(value_loss=v_loss, value_clip_fraction=v_clip)
+        return self.c.vf_coef * v_loss
+
     def iteration_update(self, roll: Rollout) -> dict[str, float]:
         c, mask = self.c, roll.mask
         with torch.no_grad():
@@ -133,17 +149,11 @@ class PPOModule(OnlineModule):
                   "approx_kl": 0.0}
         updates = 0
         for idx in self.minibatches(len(roll)):
-            mb, m = roll.select(idx), mask[idx]
-            logp, ent = self.policy_logps(mb, with_entropy=c.entropy_coef > 0)
-            pg_loss, stats = rl.policy_loss(logp, old_logp[idx], advantages[idx], m, c.clip)
-            values = self.critic(mb)
-            v_loss, v_clip = rl.value_loss(values, old_values[idx], returns[idx], m, c.value_clip)
-            loss = pg_loss + c.vf_coef * v_loss
-            if c.entropy_coef > 0:
-                loss = loss - c.entropy_coef * rl.masked_mean(ent, m)
-            self.step(loss)
-            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("value_clip_fraction", v_clip),
-                               ("clip_fraction", stats["clip_fraction"]), ("approx_kl", stats["approx_kl"])):
+            mb, seen = roll.select(idx), {}
+            # the critic's pass runs after the policy's backward has freed the policy pass's activations
+            self.step(partial(self.policy_term, mb, old_logp[idx], advantages[idx], seen),
+                      partial(self.value_term, mb, old_values[idx], returns[idx], seen))
+            for key, value in seen.items():
                 totals[key] += float(value.detach())
             updates += 1
         kl_per_sequence = float(rl.row_mean(kl.sum(-1)))  # over every process's rows: one beta for all of them
