@@ -1,4 +1,4 @@
-"""Offline preference-optimization losses: DPO and its family, as pure functions of sequence log-probs.
+"""Offline preference-optimization losses (DPO and its family, KTO) and distillation losses, as pure functions.
 
 Every loss takes a :class:`PairLogps` (summed log-probs of the chosen and rejected responses under the
 policy, the same under the reference when the loss uses one, and the response lengths) and returns
@@ -7,10 +7,14 @@ metrics mean the same thing across losses. ``dpo.loss`` picks one by name from :
 
 Notation: pi = log pi_theta(y|x) summed over response tokens, ref = the same under the reference,
 Delta = (pi_c - ref_c) - (pi_r - ref_r), |y| = response tokens, beta = ``dpo.beta``.
+
+The distillation losses (:func:`generalized_jsd`, :func:`word_distillation`) compare a student's next-token
+distributions with a teacher's, token by token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -173,3 +177,47 @@ def shared_prompt_logps(model, input_ids: Tensor, attention_mask: Tensor, comple
     logp, _ = token_logps(logits, s.response_ids)
     mask = s.response_mask.to(logp.dtype)
     return (logp * mask).sum(-1)[s.back], mask.sum(-1)[s.back]
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: float,
+                    temperature: float = 1.0) -> Tensor:
+    """Generalized Jensen-Shannon divergence per token (GKD: Agarwal et al. 2024, "On-Policy Distillation of
+    Language Models: Learning from Self-Generated Mistakes", eq. 1), averaged over the positions where ``mask``
+    is 1, between the student's and the teacher's next-token distributions at ``temperature``.
+
+    With S and T those distributions and M = beta T + (1 - beta) S:
+    JSD(beta) = beta KL(T || M) + (1 - beta) KL(S || M). The endpoints are the two KLs, as in TRL's
+    ``GKDTrainer``: beta = 0 is the forward KL(T || S) (mean-seeking: the student covers every answer the teacher
+    would give; word-level KD), beta = 1 the reverse KL(S || T) (mode-seeking: the student puts its mass where
+    the teacher is confident). Logits (..., V); ``mask`` (...). The teacher's logits carry no gradient here.
+    """
+    s = torch.log_softmax(student_logits.float() / temperature, -1)
+    t = torch.log_softmax(teacher_logits.float().detach() / temperature, -1)
+    if beta == 0:
+        per_token = (t.exp() * (t - s)).sum(-1)
+    elif beta == 1:
+        per_token = (s.exp() * (s - t)).sum(-1)
+    else:
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), 0)
+        per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def word_distillation(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, mask: Tensor,
+                      temperature: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Word-level knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network",
+    sec. 2; per token for sequence models as Kim & Rush 2016, eq. 5): the forward KL between teacher and student
+    at temperature T, multiplied by T^2 (the soft targets' gradients shrink as 1/T^2, so the product keeps their
+    weight against the hard-target term as T changes), mixed with the cross-entropy on the reference tokens:
+    loss = alpha T^2 KL(T_T || S_T) + (1 - alpha) CE.
+
+    Logits (n, L, V) at the positions that predict ``targets`` (n, L); ``mask`` (n, L) marks the trained tokens.
+    Returns (loss, the KL at temperature T, the cross-entropy), both terms averaged per masked token.
+    """
+    kl = generalized_jsd(student_logits, teacher_logits, mask, beta=0.0, temperature=temperature)
+    logp = torch.log_softmax(student_logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    weights = mask.to(logp.dtype)
+    ce = -(logp * weights).sum() / weights.sum().clamp(min=1)
+    return alpha * temperature ** 2 * kl + (1 - alpha) * ce, kl, ce
