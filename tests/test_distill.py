@@ -84,3 +84,52 @@ def test_generalized_jsd_matches_trls_gkd_trainer(beta):
                                              reduction="batchmean")
     ours = generalized_jsd(student, teacher, labels != -100, beta, temperature=1.5)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_layer_picks_keep_the_first_and_last_teacher_layers_evenly_spaced():
+    from pipeline.distillation import layer_picks
+    from pipeline.models import ModelError
+
+    assert layer_picks(4, 2) == [0, 3] and layer_picks(30, 4) == [0, 10, 19, 29] and layer_picks(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ModelError, match="a student of 5 layers cannot come from a teacher of 4"):
+        layer_picks(4, 5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_shrunk_student_starts_from_the_teachers_picked_layers_and_is_at_most_half_its_size(tmp_path, arch):
+    from omegaconf import OmegaConf
+
+    from pipeline.distillation import parameter_count, shrink
+    from pipeline.models import build_causal_lm, build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    teacher = build_causal_lm(OmegaConf.create(dict(type=arch, hidden_size=32, num_layers=4, num_heads=2,
+                                                    intermediate_size=96, max_position=64, dropout=0.0)), tok, seed=0)
+    student = shrink(teacher, layers=2, intermediate_size=64)
+    assert student.config.num_hidden_layers == 2
+    assert parameter_count(student) <= parameter_count(teacher) / 2
+    t, s = teacher.state_dict(), student.state_dict()
+    if arch == "llama":
+        assert torch.equal(s["model.layers.1.self_attn.q_proj.weight"], t["model.layers.3.self_attn.q_proj.weight"])
+        assert torch.equal(s["model.layers.0.mlp.gate_proj.weight"], t["model.layers.0.mlp.gate_proj.weight"][:64])
+        assert torch.equal(s["model.layers.0.mlp.down_proj.weight"], t["model.layers.0.mlp.down_proj.weight"][:, :64])
+        assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    else:
+        assert torch.equal(s["transformer.h.1.attn.c_attn.weight"], t["transformer.h.3.attn.c_attn.weight"])
+        assert torch.equal(s["transformer.h.0.mlp.c_fc.weight"], t["transformer.h.0.mlp.c_fc.weight"][:, :64])
+        assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"])
+    ids = torch.tensor([tok.encode("1+2=")])
+    assert torch.isfinite(student(input_ids=ids).logits).all()
+    key = "model.layers.1.self_attn.q_proj.weight" if arch == "llama" else "transformer.h.1.attn.c_attn.weight"
+    assert not torch.equal(shrink(teacher, layers=2, init="random").state_dict()[key], s[key])
+
+
+def test_a_student_with_another_vocabulary_is_refused_naming_both_tokenizers():
+    from pipeline.distillation import check_vocabulary
+    from pipeline.models import ModelError, build_char_tokenizer
+
+    teacher, same, other = build_char_tokenizer(), build_char_tokenizer(), build_char_tokenizer(["ĳ"])
+    check_vocabulary(teacher, same, "data/dpo", "student/")
+    with pytest.raises(ModelError, match=r"the student's tokenizer \(student/, \d+ tokens\) differs from the teacher's "
+                                         r"\(data/dpo, \d+ tokens\): first differing entry 'ĳ'"):
+        check_vocabulary(teacher, other, "data/dpo", "student/")
