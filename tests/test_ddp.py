@@ -137,7 +137,8 @@ def test_two_processes_give_the_gradient_of_one_process_on_the_union_of_their_pr
     assert any(g.abs().max() > 1e-4 for g in one.values())                      # a real, non-zero update
     for name in one:   # DDP's average = the union's gradient, up to the float rounding of a different summation order
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5 * float(one[name].abs().max()))
-        torch.testing.assert_close(weights2[name], weights1[name], rtol=1e-4, atol=1e-6)
+        # Adam's first step is lr g / (|g| + eps): where |g| is near eps, rounding moves it; allow 1% of lr (1e-3)
+        torch.testing.assert_close(weights2[name], weights1[name], rtol=1e-4, atol=1e-5)
     for key in ("train/reward", "train/policy_loss", "train/kl", "train/response_length"):   # metrics over both processes
         assert history2[key] == pytest.approx(history1[key], rel=1e-3, abs=1e-5), key
 
