@@ -217,7 +217,7 @@ def word_distillation(student_logits: Tensor, teacher_logits: Tensor, targets: T
     Returns (loss, the KL at temperature T, the cross-entropy), both terms averaged per masked token.
     """
     kl = generalized_jsd(student_logits, teacher_logits, mask, beta=0.0, temperature=temperature)
-    logp = torch.log_softmax(student_logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    logp, _ = token_logps(student_logits, targets)
     weights = mask.to(logp.dtype)
     ce = -(logp * weights).sum() / weights.sum().clamp(min=1)
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce, kl, ce
