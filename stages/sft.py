@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from pipeline import adapters
 from pipeline.chat import json_objects, prompt_of
 from pipeline.models import SOURCE_KEYS, base_reference, base_sources, load_causal_lm, load_tokenizer, render_ids
+from pipeline.packing import Example, collate, load_tokenized, pack
 from pipeline.stage import Context, Input, Plot, Stage
 from pipeline.tokens import final_hidden_states, selected_logps
 from pipeline.training import (
@@ -42,9 +43,6 @@ from pipeline.training import (
     log_samples,
 )
 
-Example = tuple[list[int], list[int]]
-
-
 # The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
 STAGE = Stage(
     name="sft",
@@ -53,56 +51,6 @@ STAGE = Stage(
     plots=(Plot("loss.json", x="step", y="train/loss", title="sft training loss"),
            Plot("val_loss.json", x="step", y="val/loss", title="sft validation loss")),
 )
-
-
-def load_tokenized(path: Path) -> list[Example]:
-    """(input_ids, labels) per row from a ``prepare`` safetensors file."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    offsets = tensors["offsets"].tolist()
-    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
-    return [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-
-
-def pack(examples: list[Example], length: int) -> list[list[Example]]:
-    """Greedy first-fit packing, in order: each pack's examples total at most ``length`` tokens."""
-    packs: list[list[Example]] = []
-    current, used = [], 0
-    for ex in examples:
-        if current and used + len(ex[0]) > length:
-            packs.append(current)
-            current, used = [], 0
-        current.append(ex)
-        used += len(ex[0])
-    if current:
-        packs.append(current)
-    return packs
-
-
-def collate(items: list[list[Example]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-padded batch. Packed items get restarted position ids and a block-diagonal causal mask
-    (batch, 1, L, L) so no example attends to another; unpacked items get a plain 2-D padding mask."""
-    width = max(sum(len(ids) for ids, _ in item) for item in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    segments = torch.full((len(items), width), -1, dtype=torch.long)
-    positions = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        at = 0
-        for seg, (ids, labs) in enumerate(item):
-            n = len(ids)
-            input_ids[row, at:at + n] = torch.tensor(ids)
-            labels[row, at:at + n] = torch.tensor(labs)
-            segments[row, at:at + n] = seg
-            positions[row, at:at + n] = torch.arange(n)
-            at += n
-    if not packed:
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": (segments >= 0).long()}
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    same = segments[:, :, None] == segments[:, None, :]
-    mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only (no NaN rows)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask[:, None], "position_ids": positions}
 
 
 class SFTData(L.LightningDataModule):
