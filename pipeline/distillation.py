@@ -67,11 +67,6 @@ def copy_from_teacher(student, teacher, picks: list[int]) -> int:
     return copied
 
 
-def parameter_count(model) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def check_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
     """Raise :class:`ModelError` naming both tokenizers unless they map every token to the same id (the same
     vocabulary and special tokens): per-position distributions of different vocabularies cannot be compared."""

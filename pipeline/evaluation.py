@@ -132,10 +132,11 @@ class PromptBuilder:
 class EvalModule(L.LightningModule):
     """Generates, verifies and scores one variant on batches of test rows (``Trainer.test``)."""
 
-    def __init__(self, model, tokenizer, builder: PromptBuilder, settings: Generation, reference=None):
+    def __init__(self, model, tokenizer, builder: PromptBuilder, settings: Generation,
+                 references: dict | None = None):
         super().__init__()
         self.model, self.tok, self.builder, self.cfg = model, tokenizer, builder, settings
-        self.reference = reference  # the SFT model, for KL of this variant's answers to it (None: not measured)
+        self.references = references or {}  # name -> model, for KL of this variant's answers to each (test/kl_to_<name>)
         self.seed = settings.seed
         self.stops = builder.stop_ids(model)  # the same for every batch of this variant
         self.records: list[dict] = []
@@ -149,7 +150,10 @@ class EvalModule(L.LightningModule):
         self.gen_stats["new_tokens"] += stats["new_tokens"]
         self.gen_stats["seconds"] += stats["seconds"]
         nll, counts = self.gold_nll([self.builder.with_gold(row, p) for (_, row), p in zip(batch, prompts, strict=True)])
-        kls = self.kl_to_reference(prompts, [o.ids for o in outs]) if self.reference is not None else [None] * len(outs)
+        kls = [{} for _ in outs]
+        for name, reference in self.references.items():
+            for row, kl in zip(kls, self.kl_to_reference(reference, prompts, [o.ids for o in outs]), strict=True):
+                row[name] = kl
         sampled = [None] * len(outs)
         if self.cfg.sampled_accuracy:  # the same prompts sampled at temperature 1: what RL-style training sees
             sampled, _ = generate(self.model, self.tok, prompts, self.cfg.max_new_tokens, len(prompts),
@@ -172,13 +176,13 @@ class EvalModule(L.LightningModule):
         return text.split("\n")[0].strip() if self.builder.variant.style == "plain" else text
 
     @torch.no_grad()
-    def kl_to_reference(self, prompts: list[list[int]], responses: list[list[int]]) -> list[tuple[float, int]]:
+    def kl_to_reference(self, reference, prompts: list[list[int]], responses: list[list[int]]) -> list[tuple[float, int]]:
         """(summed KL(policy || reference) over the response's positions, positions) per row: the full
         next-token distributions of both models at every step of this variant's own answer."""
         rows = [p + r for p, r in zip(prompts, responses, strict=True)]
         ids, mask = left_pad(rows, self.tok.pad_token_id)
         logp = torch.log_softmax(padded_forward(self.model, ids, mask).logits.float(), -1)
-        ref = torch.log_softmax(padded_forward(self.reference, ids, mask).logits.float(), -1)
+        ref = torch.log_softmax(padded_forward(reference, ids, mask).logits.float(), -1)
         kl = (logp.exp() * (logp - ref)).sum(-1)  # (rows, width): KL at each position's next-token distribution
         out, width = [], ids.shape[1]
         for row, r in enumerate(responses):
@@ -222,8 +226,8 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
         "test/tokens_per_second": gen_stats["new_tokens"] / max(gen_stats["seconds"], 1e-9),
         "test/latency_ms": 1000 * gen_stats["seconds"] / len(records),
     })
-    if records and records[0].get("kl") is not None:
-        metrics["test/kl_to_sft"] = sum(r["kl"][0] for r in records) / max(sum(r["kl"][1] for r in records), 1)
+    for name in records[0]["kl"] if records else ():
+        metrics[f"test/kl_to_{name}"] = sum(r["kl"][name][0] for r in records) / max(sum(r["kl"][name][1] for r in records), 1)
     if records and records[0].get("sampled_correct") is not None:
         rate("test/accuracy_sampled", records, "sampled_correct")
     for family in sorted({r["family"] for r in records}):
@@ -327,14 +331,14 @@ def load_variant_model(variant: Variant, model_cfg: DictConfig):
 
 
 def test_model(model, tokenizer, variant: Variant, settings: Generation, hardware: DictConfig, test_rows: list[dict],
-               train_rows: list[dict], reference=None, framed: bool = True, stage: str = "evaluate"):
+               train_rows: list[dict], references: dict | None = None, framed: bool = True, stage: str = "evaluate"):
     """Generate, verify and score ``model`` on ``test_rows`` through ``Trainer.test``; return (metrics,
     records). ``settings`` sets generation, ``hardware`` (the ``trainer`` group) the device and numerics;
-    ``reference`` (the SFT model) adds KL to it; ``framed``: see :class:`PromptBuilder`."""
+    ``references`` (name -> model: the SFT model, a student's teacher) add ``test/kl_to_<name>``; ``framed``: see :class:`PromptBuilder`."""
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     builder = PromptBuilder(tokenizer, variant, train_rows, settings.seed, context, settings.max_new_tokens,
                             framed=framed)
-    module = EvalModule(model, tokenizer, builder, settings, reference)
+    module = EvalModule(model, tokenizer, builder, settings, references)
     loader = DataLoader(list(enumerate(test_rows)), batch_size=settings.batch_size, collate_fn=list)
     trainer = L.Trainer(accelerator=hardware.accelerator, devices=1, precision=hardware.precision,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,

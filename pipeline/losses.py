@@ -192,17 +192,22 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
     would give; word-level KD), beta = 1 the reverse KL(S || T) (mode-seeking: the student puts its mass where
     the teacher is confident). Logits (..., V); ``mask`` (...). The teacher's logits carry no gradient here.
     """
+    per_token = jsd_per_token(student_logits, teacher_logits, beta, temperature)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def jsd_per_token(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:
+    """The generalized JSD of :func:`generalized_jsd` at every position (...), unaveraged: what a per-prompt
+    measure (the student's KL to its teacher on held-out answers, beta = 0) sums."""
     s = torch.log_softmax(student_logits.float() / temperature, -1)
     t = torch.log_softmax(teacher_logits.float().detach() / temperature, -1)
     if beta == 0:
-        per_token = (t.exp() * (t - s)).sum(-1)
-    elif beta == 1:
-        per_token = (s.exp() * (s - t)).sum(-1)
-    else:
-        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), 0)
-        per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), 0)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
 
 
 def word_distillation(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, mask: Tensor,

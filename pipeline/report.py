@@ -41,11 +41,13 @@ TABLE = (
     ("test/reward_score", "reward-model score", "{:.3f}"),
     ("test/reward_score_vs_sft", "reward-model score vs SFT (paired)", "{:+.3f}"),
     ("test/kl_to_sft", "KL to SFT (nats/token)", "{:.4f}"),
+    ("test/kl_to_teacher", "KL to its teacher (nats/token)", "{:.4f}"),
     ("test/perplexity", "perplexity", "{:.3f}"),
     ("test/response_length", "response length (chars)", "{:.1f}"),
     ("test/concise_rate", "concise", "{:.1%}"),
     ("test/refusal_harmful", "refusals: harmful", "{:.1%}"),
     ("test/refusal_harmless", "refusals: harmless", "{:.1%}"),
+    ("size/parameters", "parameters", "{:,.0f}"),
     ("test/latency_ms", "latency per prompt (ms)", "{:.1f}"),
     ("test/tokens_per_second", "tokens/s", "{:.0f}"),
 )
@@ -57,6 +59,7 @@ CURVES = (
     ("dpo", "loss.json", "step", ("train/loss", "train/rewards/margin")),
     ("ppo", "iterations.json", "iteration", ("train/reward", "train/kl")),
     ("grpo", "iterations.json", "iteration", ("train/reward", "train/kl")),
+    ("distill", "loss.json", "step", ("train/loss",)),
 )
 
 

@@ -20,11 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 # committed file that never changes, so editing what that choice does not read leaves the stage up to date.
 UNREAD = "UNREAD.md"
 
-STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate")
+STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "evaluate")
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo", "kto")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
-VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "base_chat", "sft", "dpo", "ppo", "grpo", "quantize")
+VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "base_chat", "sft", "dpo", "ppo", "grpo", "quantize",
+            "distill", "distill_sft")
 # Quantization methods (pipeline.quantization.METHODS describes each; a test keeps the two equal).
 QUANT_METHODS = ("int8_weight_only", "int8_weight_only_asym", "int8_static", "int8_static_asym", "int8_dynamic",
                  "bnb_int8", "bnb_nf4", "int4_weight_only")
@@ -290,6 +291,31 @@ class QuantizeStageConfig:
 
 
 @dataclass
+class StudentConfig:
+    path: Optional[str] = None
+    layers: int = bounded(1)
+    intermediate_size: Optional[int] = bounded(1, default=None)
+    init: str = choice("teacher", "random")
+
+
+@dataclass
+class DistillStageConfig(TrainingStageConfig):
+    teacher: str = choice(*MODEL_STAGES)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: str = choice("word", "sequence", "on_policy")
+    temperature: float = positive()
+    alpha: float = bounded(0.0, 1.0)
+    beta: float = bounded(0.0, 1.0)
+    on_policy_share: float = bounded(0.0, 1.0)
+    max_new_tokens: int = bounded(1)
+    generation_batch_size: int = bounded(1)
+    teacher_cache_mb: float = bounded(0.0)
+    baseline: bool = True
+    packing: bool = False
+    pack_length: int = bounded(8)
+
+
+@dataclass
 class JudgeConfig:
     """One schema for every judge; each ``conf/judge/*.yaml`` sets only the keys its judge reads."""
 
@@ -338,6 +364,7 @@ class RootConfig:
     ppo: PpoStageConfig = field(default_factory=PpoStageConfig)
     grpo: GrpoStageConfig = field(default_factory=GrpoStageConfig)
     quantize: QuantizeStageConfig = field(default_factory=QuantizeStageConfig)
+    distill: DistillStageConfig = field(default_factory=DistillStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
@@ -443,6 +470,9 @@ def _check_rules(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'sft.pack_length' = {cfg.sft.pack_length} is below data.max_tokens = "
                           f"{cfg.data.max_tokens}: the longest rows would not fit a pack")
     sft_method = (cfg.sft.peft or cfg.peft).method
+    if cfg.distill.packing and cfg.distill.pack_length < cfg.data.max_tokens:
+        raise ConfigError(f"config key 'distill.pack_length' = {cfg.distill.pack_length} is below data.max_tokens = "
+                          f"{cfg.data.max_tokens}: a long example would not fit one pack; raise it or set distill.packing=false")
     if cfg.sft.packing and sft_method in PROMPT_LEARNING:
         raise ConfigError(f"config key 'sft.packing' = true does not work with peft.method = {sft_method!r} "
                           "(virtual tokens would be shared by every example of a pack); set sft.packing=false")

@@ -53,7 +53,7 @@ from pipeline.evaluation import (
     test_model,
     win_rates,
 )
-from pipeline.models import SOURCE_KEYS, base_sources, load_tokenizer
+from pipeline.models import SOURCE_KEYS, base_sources, count_parameters, load_tokenizer
 from pipeline.outputs import write_atomic
 from pipeline.stage import Chart, Context, Input, Plot, Stage, seed_everything
 from pipeline.stats import paired_difference, rounded, with_interval
@@ -65,6 +65,8 @@ STAGE = Stage(
             *(Input(name, name, conditional=True, note="a variant's model: read when evaluate.variants names it")
               for name in ("base", "sft", "dpo", "ppo", "grpo")),
             Input("quantize", "quantize", conditional=True, note="a variant's model and the report's quantization table"),
+            Input("distill", "distill", conditional=True,
+                  note="the distilled and the SFT-only students (variants distill, distill_sft) and their teacher's name"),
             Input("reward", "reward", conditional=True, note="test/reward_score when its gate passed")),
     params=(*SOURCE_KEYS, "trainer.accelerator", "trainer.precision"),
     plots=(Plot("accuracy.csv"), Plot("reward_kl.csv")),
@@ -87,6 +89,7 @@ def variants(ctx: Context) -> list[Variant]:
         "base_few_shot": Variant("base_few_shot", str(data / "base"), "plain", e.few_shot),
         "base_cot": Variant("base_cot", str(data / "base"), "plain", e.few_shot, cot=True),
         "base_chat": Variant("base_chat", str(data / "base"), "chat"),
+        "distill_sft": Variant("distill_sft", str(data / "distill" / "distill_sft"), "chat"),
     }
     chosen = [known.get(name) or Variant(name, str(data / name), "chat") for name in e.variants]
     missing = [v.name for v in chosen if not Path(v.model_dir).exists()]
@@ -103,20 +106,36 @@ def evaluate_variant(ctx: Context, variant: Variant, test_rows: list[dict], trai
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model)
     model = load_variant_model(variant, cfg.model).eval()
     sft_dir = ctx.input("sft")
-    reference = None  # KL to SFT measures how far alignment moved SFT: trained variants only
+    references = {}  # KL to SFT measures how far alignment moved SFT: trained variants only
     if not of_base and variant.name != "sft" and sft_dir.exists():
-        reference = load_variant_model(Variant("sft", str(sft_dir), "chat"), cfg.model).eval()
+        references["sft"] = load_variant_model(Variant("sft", str(sft_dir), "chat"), cfg.model).eval()
+    teacher = teacher_of(ctx, variant)
+    if teacher is not None:  # a student: how far its answers are from its teacher's distributions
+        references["teacher"] = load_variant_model(Variant("teacher", str(teacher), "chat"), cfg.model).eval()
     settings = Generation(e.max_new_tokens, e.batch_size, cfg.seed, e.do_sample, e.temperature, e.top_p,
                           e.sampled_accuracy)
-    return test_model(model, tokenizer, variant, settings, cfg.trainer, test_rows, train_rows, reference,
-                      framed=cfg.model.name_or_path is None)
+    metrics, records = test_model(model, tokenizer, variant, settings, cfg.trainer, test_rows, train_rows, references,
+                                  framed=cfg.model.name_or_path is None)
+    metrics["size/parameters"] = count_parameters(model)
+    return metrics, records
+
+
+def teacher_of(ctx: Context, variant: Variant) -> Path | None:
+    """The folder of a distilled variant's teacher (its stage's ``run.json`` names it), else None."""
+    import json
+
+    folder = ctx.input("distill")
+    if variant.name not in ("distill", "distill_sft") or not (folder / "run.json").exists():
+        return None
+    return Path(ctx.cfg.paths.data) / json.loads((folder / "run.json").read_text())["teacher"]
 
 
 def run(ctx: Context) -> dict:
     """Evaluate every configured variant; write the report into ``ctx.output``; return {variant: metrics}."""
     cfg = ctx.cfg
     chosen = variants(ctx)
-    for folder in sorted({Path(v.model_dir).name for v in chosen}):
+    data = Path(cfg.paths.data)
+    for folder in sorted({Path(v.model_dir).relative_to(data).parts[0] for v in chosen}):
         ctx.run.add_input(folder, ctx.input(folder))
     test_rows = read_jsonl(ctx.input("prepare") / "test.jsonl")
     train_rows = read_jsonl(ctx.input("prepare") / "train.jsonl")
@@ -200,10 +219,40 @@ def provenance(ctx: Context) -> dict:
 
 
 def extra_sections(ctx: Context) -> list[tuple[str, str]]:
-    """Report sections from other stages' outputs: the quantization methods, when the stage ran."""
+    """Report sections from other stages' outputs: the quantization methods and the distilled students, when
+    those stages ran."""
+    return [section for section in (quantize_section(ctx), distill_section(ctx)) if section is not None]
+
+
+def distill_section(ctx: Context) -> tuple[str, str] | None:
+    """The teacher, the distilled student and the SFT-only student side by side on the held-out prompts, with
+    the paired differences between the two students."""
+    path = ctx.input("distill") / "report.json"
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text())
+    m = found["metrics"]
+    rows = {f"teacher ({found['teacher']})": "teacher/", f"student ({found['loss']} distillation)": "",
+            "student, SFT only": "distill_sft/"}
+    rows = {name: {k.removeprefix(prefix): v for k, v in m.items() if k.startswith(prefix)}
+            for name, prefix in rows.items() if f"{prefix}size/parameters" in m}
+    columns = (("size/parameters", "parameters", "{:,.0f}"), ("test/accuracy", "accuracy", "{:.1%}"),
+               ("test/teacher_kl", "KL(teacher || student) on references (nats/token)", "{:.4f}"),
+               ("test/perplexity", "perplexity", "{:.3f}"))
+    body = report.table_html(rows, columns, "distill")
+    for key, label, pattern in (("test/teacher_kl_vs_distill_sft", "KL to the teacher", "{:+.4f}"),
+                                ("test/accuracy_vs_distill_sft", "accuracy", "{:+.1%}")):
+        if key in m:
+            body += (f"<p>distilled minus SFT-only student, {label} (paired, with its 95% interval; * when it excludes "
+                     f"0): {html.escape(report.marked(m, key, pattern))}</p>")
+    return "Distillation (distill stage)", body
+
+
+def quantize_section(ctx: Context) -> tuple[str, str] | None:
+    """The quantization methods' table."""
     path = ctx.input("quantize") / "report.json"
     if not path.exists():
-        return []
+        return None
     columns = (("size/linear_ratio", "linear bytes vs fp32", "{:.1%}"), ("size/disk_bytes", "bytes on disk", "{:,.0f}"),
                ("size/memory_bytes", "bytes in memory", "{:,.0f}"), ("speed/forward_ms", "forward (ms)", "{:.1f}"),
                ("speed/tokens_per_second", "generation tokens/s", "{:.0f}"), ("test/perplexity", "perplexity", "{:.3f}"),
@@ -216,7 +265,7 @@ def extra_sections(ctx: Context) -> list[tuple[str, str]]:
     for name, layers in found.get("fp32_layers", {}).items():
         if layers:
             body += f"<p>{html.escape(name)} keeps {len(layers)} layer(s) in fp32: {html.escape(', '.join(sorted(layers)))}</p>"
-    return [("Quantization (quantize stage)", body)]
+    return "Quantization (quantize stage)", body
 
 
 def run_lm_eval(ctx: Context, chosen: list[Variant]) -> dict[str, dict[str, float]]:

@@ -127,7 +127,7 @@ def test_params_door_types_overrides_like_yaml(tmp_path):
 
 # Stages that sample responses, and which demonstrations their policy may legitimately answer with.
 RESPONSE_CAPS = {"collect": ("plain", "verbose"), "ppo": ("plain", "verbose"), "grpo": ("plain", "verbose"),
-                 "quantize": ("plain", "verbose"), "evaluate": ("plain", "verbose", "cot")}
+                 "quantize": ("plain", "verbose"), "distill": ("plain", "verbose"), "evaluate": ("plain", "verbose", "cot")}
 
 
 def test_every_sampling_cap_fits_the_longest_right_answer():
@@ -160,7 +160,7 @@ def test_the_posttrain_script_helps_runs_from_the_project_root_and_says_when_it_
     script = str(Path(sys.executable).parent / "posttrain")
     shown = subprocess.run([script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert shown.returncode == 0 and "posttrain run stage=<stage>" in shown.stdout
-    assert "stages: base prepare sft collect reward dpo ppo grpo quantize evaluate" in shown.stdout
+    assert "stages: base prepare sft collect reward dpo ppo grpo quantize distill evaluate" in shown.stdout
     assert "judge [function, human, llm, verifier]" in shown.stdout
     composed = subprocess.run([script, "run", "stage=sft", "sft.lr=0.0042", "--cfg", "job"], cwd=ROOT,
                               capture_output=True, text=True)

@@ -23,18 +23,19 @@ from pipeline.training import KILL_ENV
 
 pytestmark = pytest.mark.slow
 
-ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "evaluate"}
+ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "evaluate"}
 # Which stages read each stage's output folder directly (dvc.yaml's deps); the rest follow through them.
 READERS = {
     "base": {"prepare", "sft", "evaluate"},
-    "prepare": {"sft", "collect", "quantize", "evaluate"},  # ppo and grpo read only prepare's prompts.jsonl
+    "prepare": {"sft", "collect", "quantize", "distill", "evaluate"},  # ppo and grpo read only prepare's prompts.jsonl
     "sft": {"collect", "reward", "dpo", "ppo", "grpo", "evaluate"},
     "collect": set(),  # reward and dpo read only its pairs.jsonl (below), not the folder
     "reward": {"ppo", "evaluate"},  # grpo too with grpo.reward=model (test_an_input_a_choice_does_not_read...)
-    "dpo": {"quantize", "evaluate"},
+    "dpo": {"quantize", "distill", "evaluate"},  # distill: its default teacher
     "ppo": {"evaluate"},
     "grpo": {"evaluate"},
     "quantize": {"evaluate"},
+    "distill": {"evaluate"},
     "evaluate": set(),
 }
 
@@ -110,6 +111,7 @@ OWN = {
     "ppo": ("stages/ppo.py", "ppo.kl_coef", 0.3),
     "grpo": ("stages/grpo.py", "grpo.kl_coef", 0.3),
     "quantize": ("stages/quantize.py", "quantize.latency_repeats", 3),
+    "distill": ("stages/distill.py", "distill.temperature", 3.0),
     "evaluate": ("stages/evaluate.py", "evaluate.few_shot", 1),
 }
 
@@ -190,9 +192,22 @@ def test_an_input_a_choice_does_not_read_is_no_dependency_of_that_choice(project
     (project / "params.yaml").write_text(params)
 
 
+def test_the_distilled_students_are_evaluated_beside_their_teacher(built):
+    """The default chain's distill stage feeds evaluate: both students are variants with their KL to the teacher
+    (dpo) and their size, and the report puts teacher and students side by side."""
+    project = built["project"]  # read only
+    results = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
+    for student in ("distill", "distill_sft"):
+        assert results[student]["test/kl_to_teacher"] >= 0 and "test/kl_to_sft" in results[student]
+        assert results[student]["size/parameters"] <= results["dpo"]["size/parameters"] / 2
+    assert "test/kl_to_teacher" not in results["dpo"]
+    page = (project / "data" / "evaluate" / "report.html").read_text()
+    assert "Distillation (distill stage)" in page and "teacher (dpo)" in page and "student, SFT only" in page
+
+
 def test_one_parameter_reruns_its_stage_and_what_follows_never_what_precedes(project):
-    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo, the quantized dpo model, and evaluate
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "quantize", "evaluate"}
+    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo, the quantized and the distilled dpo model, evaluate
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "quantize", "distill", "evaluate"}
     set_param(project, "evaluate.few_shot", 2)  # an evaluate parameter: evaluate only
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate"}
     # A base parameter makes base stale; set back, nothing is: DVC compares parameter values, not edit times.
@@ -223,7 +238,7 @@ def test_lineage_parent_run_per_dvc_execution(built, tmp_path):
     evaluate_run = next(r for r in children if r.data.tags["posttrain.stage"] == "evaluate")
     variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_run.info.run_id]
     assert sorted(r.info.run_name for r in variants) == ["base_chat", "base_cot", "base_few_shot", "base_zero_shot",
-                                                         "dpo", "grpo", "ppo", "quantize", "sft"]
+                                                         "distill", "distill_sft", "dpo", "grpo", "ppo", "quantize", "sft"]
     assert all("test/accuracy" in r.data.metrics for r in variants)
     base_run = run_json(project, "base")
     prepare_child = next(r for r in children if r.data.tags["posttrain.stage"] == "prepare")
@@ -335,6 +350,7 @@ TRAINING = {
     # online stages: 4 iterations (each several updates), a checkpoint after the second; 6 cost the suite ~1 min
     "ppo": {"ppo.iterations": 4, "ppo.checkpoint_every_n_iterations": 2, "ppo.lr": 1e-3},
     "grpo": {"grpo.iterations": 4, "grpo.checkpoint_every_n_iterations": 2, "grpo.lr": 1e-3},
+    "distill": {"distill.max_steps": 30, "distill.checkpoint_every_n_steps": 10},  # killed in the student's fit
 }
 # The kill step of each stage is drawn at random; the seed is printed with the failure so that
 # POSTTRAIN_FAULT_SEED=<seed> repeats the same kills.
@@ -425,6 +441,8 @@ def test_killed_at_a_random_step_then_between_the_renames_the_stage_ends_as_an_u
     weights = ["model.safetensors"]
     if stage == "ppo":
         weights += ["adapter/critic/adapter_model.safetensors", "adapter/critic/value_head.safetensors"]
+    if stage == "distill":
+        weights += ["distill_sft/model.safetensors"]  # the baseline student, trained after the resumed one
     for name in weights:
         a = load_file(str(project / "data" / stage / name))
         b = load_file(str(reference / "data" / stage / name))
