@@ -226,7 +226,7 @@ def summarize(records: list[dict], gen_stats: dict) -> dict[str, float]:
         "test/tokens_per_second": gen_stats["new_tokens"] / max(gen_stats["seconds"], 1e-9),
         "test/latency_ms": 1000 * gen_stats["seconds"] / len(records),
     })
-    for name in records[0]["kl"] if records else ():
+    for name in records[0].get("kl") or {} if records else ():
         metrics[f"test/kl_to_{name}"] = sum(r["kl"][name][0] for r in records) / max(sum(r["kl"][name][1] for r in records), 1)
     if records and records[0].get("sampled_correct") is not None:
         rate("test/accuracy_sampled", records, "sampled_correct")

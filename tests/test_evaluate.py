@@ -167,8 +167,9 @@ def test_kl_to_reference_is_zero_against_itself_and_matches_an_unpadded_computat
     builder = PromptBuilder(tok, Variant("dpo", "data/dpo", "chat"), [], 0, 256, 4)
     prompts = [render_ids(tok, [{"role": "user", "content": q}], True) for q in ("Hi", "What number comes after 4?")]
     responses = [tok("ok", add_special_tokens=False)["input_ids"], tok("5", add_special_tokens=False)["input_ids"]]
-    assert all(abs(kl) < 1e-6 for kl, _ in EvalModule(model, tok, builder, cfg, model).kl_to_reference(prompts, responses))
-    kls = EvalModule(model, tok, builder, cfg, other).kl_to_reference(prompts, responses)
+    module = EvalModule(model, tok, builder, cfg)
+    assert all(abs(kl) < 1e-6 for kl, _ in module.kl_to_reference(model, prompts, responses))
+    kls = module.kl_to_reference(other, prompts, responses)
     p, r = prompts[1], responses[1]   # by hand, unpadded
     with torch.no_grad():
         a = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], -1)[len(p) - 1:len(p) - 1 + len(r)]
