@@ -203,7 +203,7 @@ class DistillModule(StageModule):
         teacher = selected_logits(self.teacher, batch, wanted)
         logp, _ = token_logps(student, targets[wanted])
         kl = jsd_per_token(student, teacher, beta=0.0)
-        self._val = self._val + torch.stack([-logp.sum(), kl.sum(), torch.tensor(float(len(logp)))]).cpu()
+        self._val = self._val + torch.stack([-logp.sum(), kl.sum(), logp.new_tensor(float(len(logp)))]).cpu()
 
     def on_validation_epoch_end(self) -> None:
         nll, kl = (self._val[:2] / self._val[2].clamp(min=1)).tolist()
