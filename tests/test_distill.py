@@ -158,7 +158,7 @@ def test_the_teachers_cached_logits_are_what_it_gives_on_each_training_batch():
     with padding: the cached logits must be the teacher's at exactly that batch's trained positions."""
     from omegaconf import OmegaConf
 
-    from stages.distill import DistillData, selected_logits, teacher_cache
+    from pipeline.distillation import DistillData, selected_logits, teacher_cache
 
     teacher, tok, _, items = tiny_pair()
     assert teacher_cache(teacher, items, tok.pad_token_id, True, 3, limit_mb=1e-4) is None  # over the limit
@@ -181,7 +181,7 @@ def test_on_policy_steps_train_on_the_students_own_samples_at_the_configured_sha
     on those tokens; the choice is a function of the seed and step (a resumed run makes the same ones)."""
     from omegaconf import OmegaConf
 
-    from stages.distill import DistillData, DistillModule
+    from pipeline.distillation import DistillData, DistillModule
 
     teacher, tok, student, items = tiny_pair()
     cfg = OmegaConf.create(dict(packing=True, batch_size=2, max_steps=4, on_policy_share=share, beta=0.5,
