@@ -15,6 +15,18 @@ the merge). Methods (``quantize.method`` saves one, ``quantize.compare`` measure
 | ``bnb_int8`` | bitsandbytes LLM.int8() | int8 per row + fp16 outliers | fp16 | safetensors |
 | ``bnb_nf4`` | bitsandbytes NF4 | 4-bit normal-float, blocks of 64 (layers the kernel cannot take stay fp32) | fp32 | safetensors |
 | ``int4_weight_only`` | torchao ``Int4WeightOnlyConfig`` | int4, groups of 128 | bf16 | safetensors; needs kernels this CPU build lacks (a clear message) |
+| ``intx_w8`` | torchao ``IntxWeightOnlyConfig`` | int8, symmetric per row | fp32 | in-process; QAT-capable |
+| ``intx_w4a8`` | torchao ``Int8DynamicActivationIntxWeightConfig`` | int4, symmetric, groups of 32 | int8 per token, dynamic | in-process; QAT-capable |
+| ``intx_w2a8`` | the same | int2, symmetric, groups of 32 | int8 per token, dynamic | in-process; QAT-capable |
+| ``bf16`` / ``fp16`` | torch ``Module.to`` | bfloat16 / float16 | the same | in-process |
+
+The ``intx`` methods are torchao's quantization-aware-training family: :func:`prepare_qat` puts fake quantizers
+in their linear layers (the forward pass rounds weights and activations exactly as the converted model will, the
+backward pass goes straight through), and :func:`convert_qat` turns the trained copy into the same quantized
+tensors that quantizing the untrained model directly (PTQ) gives. So at each bit width the PTQ row and the QAT
+row differ only by the fine-tune. On CPU the int4 and int2 codes are kept one per int8 byte
+(``IntxUnpackedToInt8Tensor``): their linear bytes are int8's plus the per-group scales; packing two or four
+codes per byte is a kernel this build lacks, so the table reports the bytes as held.
 
 Static vs dynamic: a static method fixes the activation scale once, from activation ranges seen on a
 calibration split (:func:`activation_ranges`, run through ``Trainer.predict``); a dynamic one measures
@@ -67,6 +79,19 @@ def nf4_kernel_fits(in_features: int, out_features: int) -> str | None:
 
 NF4_BLOCK = 64  # bitsandbytes' 4-bit quantization block (inputs per absmax)
 NF4_ROWS = 32   # output rows its CPU kernel packs together
+INTX_GROUP = 32  # inputs per scale of the intx int4 / int2 weights: smaller = more scales, less rounding error
+
+
+def intx_group_fits(in_features: int, out_features: int) -> str | None:
+    """Why torchao's per-group intx weights cannot take a layer of this shape (None: they can)."""
+    if in_features % INTX_GROUP:
+        return f"{in_features} -> {out_features}: per-group weights need inputs in whole groups of {INTX_GROUP}"
+    return None
+
+
+# The intx methods' weight bits and whether activations are quantized too (int8, per token, at run time).
+INTX = {"intx_w8": (8, False), "intx_w4a8": (4, True), "intx_w2a8": (2, True)}
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bnb_int8", "bitsandbytes", True, False, "LLM.int8(): int8 weights per row, fp16 outliers"),
     Method("bnb_nf4", "bitsandbytes", True, False, "4-bit normal-float weights in blocks of 64", nf4_kernel_fits),
     Method("int4_weight_only", "torchao", True, False, "int4 weights in groups of 128"),
+    Method("intx_w8", "torchao", False, False, "int8 weights, symmetric per row (QAT-capable)"),
+    Method("intx_w4a8", "torchao", False, False, "int4 weights in groups of 32, int8 dynamic activations (QAT-capable)",
+           intx_group_fits),
+    Method("intx_w2a8", "torchao", False, False, "int2 weights in groups of 32, int8 dynamic activations (QAT-capable)",
+           intx_group_fits),
+    Method("bf16", "torch", False, False, "weights and activations in bfloat16"),
+    Method("fp16", "torch", False, False, "weights and activations in float16"),
 )}
 
 
@@ -154,7 +186,8 @@ def check_supported(name: str) -> None:
     probe = torch.nn.Sequential(torch.nn.Linear(256, 256)).eval()
     try:
         with torch.no_grad():
-            _apply_in_place(name, probe, {"0": (torch.tensor(1.0), torch.tensor(-1.0))})(torch.randn(2, 3, 256))
+            _apply_in_place(name, probe, {"0": (torch.tensor(1.0), torch.tensor(-1.0))})(
+                torch.randn(2, 3, 256, dtype=HALF.get(name, torch.float32)))
     except Exception as err:
         if not is_capability_error(err):
             raise
@@ -178,9 +211,12 @@ def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def unfit_layers(name: str, model: torch.nn.Module) -> dict[str, str]:
     """Linear layers of ``model`` that method ``name`` leaves in full precision, with the reason."""
     rule = METHODS[name].fits
-    if rule is None:
-        return {}
-    reasons = {fqn: rule(*shape) for fqn, shape in linear_shapes(model).items()}
+    reasons = {}
+    if name in INTX:  # torchao's intx configs and fake quantizers take torch.nn.Linear only
+        reasons = {fqn: f"{type(m).__name__} is not a torch.nn.Linear (torchao's intx configs take those only)"
+                   for fqn, m in linear_modules(model).items() if not isinstance(m, torch.nn.Linear)}
+    if rule is not None:
+        reasons.update({fqn: rule(*shape) for fqn, shape in linear_shapes(model).items() if fqn not in reasons})
     return {fqn: why for fqn, why in reasons.items() if why}
 
 
@@ -278,12 +314,60 @@ def _apply_in_place(name: str, model: torch.nn.Module, ranges: dict) -> torch.nn
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    if name in HALF:
+        return model.to(HALF[name])
+    if name in INTX:
+        from torchao.quantization import quantize_
+
+        quantize_(model, intx_config(name), filter_fn=lambda module, fqn: fqn in targets)
+        return model
     config = _load_time_config(name)
     if name.startswith("bnb_"):
         return _bnb_in_place(model, config, targets)
     from torchao.quantization import quantize_
 
     quantize_(model, config.quant_type, filter_fn=lambda module, fqn: fqn in targets)
+    return model
+
+
+def intx_config(name: str):
+    """torchao's config of an intx method: the PTQ config, and the base config of its QAT fake quantizers."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if name not in INTX:
+        raise ValueError(f"{name!r} is not a QAT-capable method; those are {sorted(INTX)}")
+    bits, activations = INTX[name]
+    dtype = {8: torch.int8, 4: torch.int4, 2: torch.int2}[bits]
+    if not activations:
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0))
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=PerGroup(INTX_GROUP))
+
+
+def qat_targets(name: str, model: torch.nn.Module) -> set[str]:
+    """The linear layers method ``name`` quantizes in ``model`` (the others stay fp32, :func:`unfit_layers`)."""
+    unfit = unfit_layers(name, model)
+    return {fqn for fqn in linear_modules(model) if fqn not in unfit}
+
+
+def prepare_qat(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """Fake quantizers of method ``name`` in ``model``'s linear layers, in place: the forward pass computes
+    with rounded weights (and activations), gradients pass straight through to the fp32 weights."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    targets = qat_targets(name, model)
+    quantize_(model, QATConfig(intx_config(name), step="prepare"), filter_fn=lambda module, fqn: fqn in targets)
+    return model
+
+
+def convert_qat(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The fake-quantized ``model`` converted in place to method ``name``'s quantized tensors (the same numerics)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    targets = qat_targets(name, model)
+    quantize_(model, QATConfig(intx_config(name), step="convert"), filter_fn=lambda module, fqn: fqn in targets)
     return model
 
 

@@ -28,7 +28,9 @@ VARIANTS = ("base_zero_shot", "base_few_shot", "base_cot", "base_chat", "sft", "
             "distill", "distill_sft")
 # Quantization methods (pipeline.quantization.METHODS describes each; a test keeps the two equal).
 QUANT_METHODS = ("int8_weight_only", "int8_weight_only_asym", "int8_static", "int8_static_asym", "int8_dynamic",
-                 "bnb_int8", "bnb_nf4", "int4_weight_only")
+                 "bnb_int8", "bnb_nf4", "int4_weight_only", "intx_w8", "intx_w4a8", "intx_w2a8", "bf16", "fp16")
+# The methods with a quantization-aware-training form (pipeline.quantization.INTX).
+QAT_METHODS = ("intx_w8", "intx_w4a8", "intx_w2a8")
 # Stages whose output folder holds a model that can be quantized.
 MODEL_STAGES = ("sft", "dpo", "ppo", "grpo")
 # peft methods (pipeline.adapters maps them to peft classes) plus bitfit and full fine-tuning.
@@ -278,10 +280,21 @@ class GrpoStageConfig(OnlineStageConfig):
 
 
 @dataclass
+class QATStageConfig(TrainingStageConfig):
+    methods: List[str] = field(default_factory=list)
+    loss: str = choice("word", "sft")
+    temperature: float = positive()
+    alpha: float = bounded(0.0, 1.0)
+    packing: bool = True
+    pack_length: int = bounded(8)
+
+
+@dataclass
 class QuantizeStageConfig:
     source: str = choice(*MODEL_STAGES)
     method: str = choice(*QUANT_METHODS)
     compare: List[str] = field(default_factory=list)
+    qat: QATStageConfig = field(default_factory=QATStageConfig)
     calibration_rows: int = bounded(1)
     max_new_tokens: int = bounded(1)
     batch_size: int = bounded(1)
@@ -501,6 +514,9 @@ def _check_rules(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.quantize.compare) - set(QUANT_METHODS))
     if unknown:
         raise ConfigError(f"config key 'quantize.compare' has {unknown[0]!r}; valid: {list(QUANT_METHODS)}")
+    unknown = sorted(set(cfg.quantize.qat.methods) - set(QAT_METHODS))
+    if unknown:
+        raise ConfigError(f"config key 'quantize.qat.methods' has {unknown[0]!r}; valid: {list(QAT_METHODS)}")
     for name in ("ppo", "grpo"):
         online = cfg[name]
         if online.minibatch_size > online.prompts_per_iteration * online.get("group_size", 1):

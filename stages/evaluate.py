@@ -265,7 +265,31 @@ def quantize_section(ctx: Context) -> tuple[str, str] | None:
     for name, layers in found.get("fp32_layers", {}).items():
         if layers:
             body += f"<p>{html.escape(name)} keeps {len(layers)} layer(s) in fp32: {html.escape(', '.join(sorted(layers)))}</p>"
+    body += qat_table(found["methods"])
     return "Quantization (quantize stage)", body
+
+
+def qat_table(methods: dict[str, dict]) -> str:
+    """PTQ vs QAT at each bit width: both rows' accuracy and perplexity, QAT minus PTQ on the same prompts (paired
+    95% intervals, * when one excludes 0), and the KL to fp32 on the val split before and after the fine-tune."""
+    rows = {}
+    for name, m in methods.items():
+        if not name.startswith("qat_") or name.removeprefix("qat_") not in methods:
+            continue
+        ptq = methods[name.removeprefix("qat_")]
+        rows[name.removeprefix("qat_")] = {"ptq/accuracy": ptq["test/accuracy"], "ptq/perplexity": ptq["test/perplexity"],
+                                           **{k: v for k, v in m.items() if k.startswith(("test/", "val/"))}}
+    if not rows:
+        return ""
+    columns = (("ptq/accuracy", "PTQ accuracy", "{:.1%}"), ("test/accuracy", "QAT accuracy", "{:.1%}"),
+               ("test/accuracy_vs_ptq", "QAT - PTQ accuracy", "{:+.1%}"),
+               ("ptq/perplexity", "PTQ perplexity", "{:.3f}"), ("test/perplexity", "QAT perplexity", "{:.3f}"),
+               ("test/nll_vs_ptq", "QAT - PTQ NLL/token", "{:+.4f}"),
+               ("val/kl_to_fp32_before", "KL to fp32 before QAT (val)", "{:.4f}"),
+               ("val/kl_to_fp32", "KL to fp32 after QAT (val)", "{:.4f}"))
+    return ("<h3>PTQ vs quantization-aware training, per bit width</h3>" + report.table_html(rows, columns, "qat")
+            + "<p>The same quantizer on the same source model; QAT fine-tunes a fake-quantized copy first (differences "
+              "are paired over the test prompts, with 95% intervals).</p>")
 
 
 def run_lm_eval(ctx: Context, chosen: list[Variant]) -> dict[str, dict[str, float]]:

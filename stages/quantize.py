@@ -15,11 +15,23 @@ Steps:
    (int4 on this CPU) is reported as unsupported with the reason, one that breaks as failed with its error
    (only the saved method's failure stops the stage); layers a method's kernel cannot take stay in fp32
    and are named in ``report.json`` (``fp32_layers``);
-4. ``quantize.method`` is saved to ``data/quantize/`` (safetensors, its quantization config in
+4. quantization-aware training (QAT), per method of ``quantize.qat.methods`` (torchao's intx family): a copy
+   of the source with fake quantizers in its linear layers is fine-tuned on the SFT data (a Lightning fit
+   with resume, :class:`pipeline.distillation.DistillModule`; by default the loss is the KL to the fp32
+   source, so the copy learns to stay the same model despite the rounding), converted to the same
+   quantized tensors PTQ makes, and measured as ``qat_<method>`` beside its PTQ row ``<method>``: the
+   accuracy difference on the same prompts with its paired 95% interval (``test/accuracy_vs_ptq``), the
+   perplexity ratio, and the KL to fp32 on the val split before and after the fine-tune;
+5. ``quantize.method`` is saved to ``data/quantize/`` (safetensors, its quantization config in
    ``config.json``), loaded back with ``from_pretrained`` and checked to give exactly the outputs it gave
    before saving.
 
-Inputs: ``data/<quantize.source>``, ``data/prepare`` (test and val splits); ``quantize.*``, ``seed``.
+Half precision: ``bf16`` and ``fp16`` are rows of the same table (the whole model cast; on a CPU without fast
+half-precision matmuls they are slower than fp32, and the table says so). Training under
+``trainer.precision=bf16-mixed`` is timed by ``tests/benchmarks/bench_precision.py``.
+
+Inputs: ``data/<quantize.source>``, ``data/prepare`` (test, val and, for QAT, the tokenized train split);
+``quantize.*``, ``seed``.
 Outputs: ``data/quantize/`` (quantized HF folder, tokenizer, ``report.json``, ``run.json``),
 ``data/metrics/quantize.json`` (method -> metrics; unsupported and failed methods carry only
 ``quantize/status``), ``data/plots/quantize/methods.csv``. Each method is
@@ -29,6 +41,7 @@ Run: ``python -m pipeline.run stage=quantize [quantize.method=bnb_nf4 quantize.s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -40,15 +53,20 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from pipeline import quantization as Q
+from pipeline.distillation import DistillData, DistillModule
 from pipeline.evaluation import Generation, Variant, read_jsonl, test_model
 from pipeline.models import LOAD_KEYS, load_causal_lm, load_tokenizer, render_ids
 from pipeline.outputs import write_atomic, write_json
+from pipeline.packing import load_tokenized, pack
 from pipeline.schema import ConfigError
 from pipeline.stage import Context, Input, Plot, Stage, seed_everything
+from pipeline.stats import paired_difference, rounded
 from pipeline.tokens import left_pad, padded_forward, position_ids
+from pipeline.training import TRAINER_KEYS, fit
 
 log = logging.getLogger(__name__)
 FP32 = "fp32"
+QAT = "qat_"  # a QAT row's name: the prefix and its method (qat_intx_w4a8)
 
 
 # The contract: inputs, the config keys read beyond this stage's group, plots (pipeline.stage).
@@ -56,7 +74,7 @@ STAGE = Stage(
     name="quantize",
     inputs=(Input("source", "${quantize.source}", note="the model quantized (params.yaml's quantize.source)"),
             Input("prepare", "prepare", dataset=True)),
-    params=(*LOAD_KEYS, "trainer.accelerator", "trainer.precision"),
+    params=(*LOAD_KEYS, *TRAINER_KEYS),
     plots=(Plot("methods.csv", x="linear_ratio", y="method", template="bar_horizontal",
                 title="linear-layer bytes vs fp32 per quantization method"),),
 )
@@ -114,10 +132,11 @@ def forward_ms(model, tokenizer, rows: list[dict], q: DictConfig) -> float:
 
 
 def measure(name: str, model, tokenizer, cfg: DictConfig, test_rows: list[dict], train_rows: list[dict],
-            fp32: dict | None) -> dict:
-    """Size, speed and quality of one (quantized or fp32) model; ratios and deltas against ``fp32``."""
+            fp32: dict | None) -> tuple[dict, list[dict]]:
+    """Size, speed and quality of one (quantized or fp32) model, ratios and deltas against ``fp32``; and the
+    per-prompt records (for paired comparisons)."""
     sizes = Q.model_bytes(model)
-    quality, _ = test_model(model, tokenizer, Variant(name, "", "chat"), generation(cfg), cfg.trainer, test_rows,
+    quality, records = test_model(model, tokenizer, Variant(name, "", "chat"), generation(cfg), cfg.trainer, test_rows,
                             train_rows, stage="quantize")
     metrics = {
         "size/memory_bytes": sizes["memory"], "size/linear_bytes": sizes["linear"],
@@ -133,7 +152,38 @@ def measure(name: str, model, tokenizer, cfg: DictConfig, test_rows: list[dict],
             "test/accuracy_delta": round(metrics["test/accuracy"] - fp32["test/accuracy"], 4),
             "test/perplexity_ratio": round(metrics["test/perplexity"] / fp32["test/perplexity"], 4),
         })
-    return metrics
+    return metrics, records
+
+
+def quantization_aware(ctx: Context, name: str, source: Path, fp32_model, tokenizer, train: list, val: list):
+    """QAT of method ``name``: a fake-quantized copy of ``source`` fine-tuned against ``fp32_model`` (resumable,
+    its own checkpoint key), then converted. Returns (the converted model, its training metrics)."""
+    c = ctx.config.qat
+    seed_everything(ctx.cfg)
+    student = Q.prepare_qat(name, load_causal_lm(source, ctx.cfg.model, dtype=torch.float32))
+    prefix = f"{QAT}{name}/"  # its curves in the stage's MLflow run
+    module = DistillModule(student, fp32_model, tokenizer, c, c.loss, ctx.cfg.seed, prefix)
+    data = DistillData(train, val, c, ctx.cfg.seed, tokenizer.pad_token_id, None)
+    own = dataclasses.replace(ctx, digests={**ctx.digests, "part": prefix})
+    result = fit(own, module, data, c.max_steps, c.val_every_n_steps, c.checkpoint_every_n_steps)
+    ctx.step = max(ctx.step, own.step)
+    trained = {k.removeprefix(prefix): v for k, v in result.metrics().items()}
+    metrics = {"qat/seconds": round(result.seconds, 1), "qat/steps": c.max_steps,
+               "val/kl_to_fp32_before": trained["val/teacher_kl_before"], "val/kl_to_fp32": trained["val/teacher_kl"]}
+    return Q.convert_qat(name, student).eval(), metrics
+
+
+def versus_ptq(mine: list[dict], ptq: list[dict]) -> dict:
+    """A QAT row against its PTQ row on the same prompts, each with its paired 95% interval: the accuracy
+    difference, and the difference of the reference answers' mean negative log-likelihood per token (what
+    perplexity averages; below zero = QAT closer to the references)."""
+    theirs = {r["id"]: r for r in ptq}
+    out = {}
+    for key, value in (("test/accuracy", lambda r: float(bool(r["correct"]))),
+                       ("test/nll", lambda r: r["nll"] / max(r["ref_tokens"], 1))):
+        diff, low, high = paired_difference([value(r) for r in mine], [value(theirs[r["id"]]) for r in mine])
+        out.update({f"{key}_vs_ptq": diff, f"{key}_vs_ptq_ci_low": low, f"{key}_vs_ptq_ci_high": high})
+    return rounded(out)
 
 
 def generation(cfg: DictConfig) -> Generation:
@@ -179,15 +229,15 @@ def run(ctx: Context) -> dict:
     train_rows = read_jsonl(prepare_dir / "train.jsonl")
     calibration_rows = read_jsonl(prepare_dir / "val.jsonl")[:q.calibration_rows]
     fp32_model = load_causal_lm(source, cfg.model, dtype=torch.float32).eval()
-    results = {FP32: measure(FP32, fp32_model, tokenizer, cfg, test_rows, train_rows, None)}
+    results, records = {}, {}
+    results[FP32], records[FP32] = measure(FP32, fp32_model, tokenizer, cfg, test_rows, train_rows, None)
     results[FP32].update({"size/memory_ratio": 1.0, "size/linear_ratio": 1.0, "size/disk_bytes": Q.folder_bytes(source),
                           "size/disk_ratio": 1.0})
-    methods = list(dict.fromkeys([q.method, *q.compare]))
+    methods = list(dict.fromkeys([q.method, *q.compare, *q.qat.methods]))
     ranges = None
     if any(Q.METHODS[m].calibrated for m in methods):
         ranges = calibrate(fp32_model, tokenizer, calibration_rows, cfg)
     kept_fp32 = {name: Q.unfit_layers(name, fp32_model) for name in methods}
-    del fp32_model
     unsupported: dict[str, str] = {}
     failed: dict[str, str] = {}
     saved_model = None
@@ -197,9 +247,9 @@ def run(ctx: Context) -> dict:
             seed_everything(cfg)
             start = time.time()
             model = Q.quantize_model(name, source, ranges, cfg.model)
-            results[name] = {"quantize/seconds": round(time.time() - start, 2),
-                             "quantize/fp32_layers": len(kept_fp32[name]),
-                             **measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])}
+            seconds = round(time.time() - start, 2)
+            measured, records[name] = measure(name, model, tokenizer, cfg, test_rows, train_rows, results[FP32])
+            results[name] = {"quantize/seconds": seconds, "quantize/fp32_layers": len(kept_fp32[name]), **measured}
         except Q.UnsupportedMethod as err:
             log.warning("quantize: %s", err)
             unsupported[name] = str(err)
@@ -216,24 +266,40 @@ def run(ctx: Context) -> dict:
                      len(kept_fp32[name]), ", ".join(sorted(kept_fp32[name])))
         if name == q.method:
             saved_model = model
-    if True:
-        saved_model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        diff = roundtrip_difference(saved_model, tmp, tokenizer, test_rows, cfg.model)
-        if diff != 0.0:
-            raise RuntimeError(f"quantize: {q.method} loaded back from its folder differs from the model before saving "
-                               f"(max logit difference {diff:g}); nothing was written")
-        saved = results[q.method]
-        saved["size/disk_bytes"] = Q.folder_bytes(tmp)
-        saved["size/disk_ratio"] = round(saved["size/disk_bytes"] / results[FP32]["size/disk_bytes"], 4)
-        saved["quantize/roundtrip_max_abs_diff"] = diff
-        write_json(tmp / "report.json", {
-            "source": q.source, "saved_method": q.method, "unsupported": unsupported, "failed": failed,
-            "fp32_layers": {name: kept_fp32[name] for name in results if name != FP32},
-            "methods": {name: {"summary": Q.METHODS[name].summary if name in Q.METHODS else "unquantized",
-                               "library": Q.METHODS[name].library if name in Q.METHODS else "torch", **metrics}
-                        for name, metrics in results.items()}})
-        ctx.info.update(method=q.method, source=q.source)
+    if q.qat.methods:
+        prepared = ctx.input("prepare")
+        batches = (lambda rows: pack(rows, q.qat.pack_length)) if q.qat.packing else (lambda rows: [[r] for r in rows])
+        train = batches(load_tokenized(prepared / "train.safetensors"))
+        val = batches(load_tokenized(prepared / "val.safetensors"))
+        for name in q.qat.methods:
+            if name not in results:
+                continue  # its PTQ form did not run here (unsupported or failed, reported above): no comparison
+            model, trained = quantization_aware(ctx, name, source, fp32_model, tokenizer, train, val)
+            row = f"{QAT}{name}"
+            measured, records[row] = measure(row, model, tokenizer, cfg, test_rows, train_rows, results[FP32])
+            kept_fp32[row] = kept_fp32[name]
+            results[row] = {**trained, "quantize/fp32_layers": len(kept_fp32[name]), **measured,
+                            **versus_ptq(records[row], records[name])}
+            log.info("quantize: QAT %s accuracy %.3f vs PTQ %.3f (difference %+.3f [%+.3f, %+.3f])", name,
+                     measured["test/accuracy"], results[name]["test/accuracy"], results[row]["test/accuracy_vs_ptq"],
+                     results[row]["test/accuracy_vs_ptq_ci_low"], results[row]["test/accuracy_vs_ptq_ci_high"])
+            del model
+    del fp32_model
+    saved_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    diff = roundtrip_difference(saved_model, tmp, tokenizer, test_rows, cfg.model)
+    if diff != 0.0:
+        raise RuntimeError(f"quantize: {q.method} loaded back from its folder differs from the model before saving "
+                           f"(max logit difference {diff:g}); nothing was written")
+    saved = results[q.method]
+    saved["size/disk_bytes"] = Q.folder_bytes(tmp)
+    saved["size/disk_ratio"] = round(saved["size/disk_bytes"] / results[FP32]["size/disk_bytes"], 4)
+    saved["quantize/roundtrip_max_abs_diff"] = diff
+    write_json(tmp / "report.json", {
+        "source": q.source, "saved_method": q.method, "unsupported": unsupported, "failed": failed,
+        "fp32_layers": {name: kept_fp32[name] for name in results if name != FP32},
+        "methods": {name: {**describe(name), **metrics} for name, metrics in results.items()}})
+    ctx.info.update(method=q.method, source=q.source)
     status = {**{name: {"quantize/status": "unsupported"} for name in unsupported},
               **{name: {"quantize/status": "failed"} for name in failed}}
     metrics_file = {**results, **status}
@@ -249,6 +315,16 @@ def run(ctx: Context) -> dict:
              q.method, saved["test/accuracy"], results[FP32]["test/accuracy"], 100 * saved["size/linear_ratio"],
              saved["size/disk_bytes"])
     return metrics_file
+
+
+def describe(name: str) -> dict:
+    """A row's summary and library for ``report.json``: fp32, a PTQ method, or a QAT row of one."""
+    if name == FP32:
+        return {"summary": "unquantized", "library": "torch"}
+    method = Q.METHODS[name.removeprefix(QAT)]
+    if name.startswith(QAT):
+        return {"summary": f"quantization-aware training, then {method.summary}", "library": method.library}
+    return {"summary": method.summary, "library": method.library}
 
 
 def write_methods_plot(results: dict, path: Path) -> None:

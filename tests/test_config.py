@@ -59,6 +59,8 @@ def test_committed_params_yaml_equals_composition_of_conf():
     ("stage=train", "config key 'stage' = 'train' is not allowed"),
     ("peft@sft.peft=prefix_tuning", "config key 'sft.packing' = true does not work with peft.method = 'prefix_tuning'"),
     ("evaluate.variants=[sft,gpt5]", "config key 'evaluate.variants' has 'gpt5'"),
+    ("quantize.qat.methods=[bnb_nf4]", "config key 'quantize.qat.methods' has 'bnb_nf4'; valid: ['intx_w8'"),
+    ("quantize.qat.loss=kto", "config key 'quantize.qat.loss' = 'kto' is not allowed; valid values: ['word', 'sft']"),
     ("peft.method=adapterx", "config key 'peft.method' = 'adapterx' is not allowed"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(override, message):

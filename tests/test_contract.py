@@ -21,10 +21,10 @@ from pipeline.stage import ContractError, Input, Plot, Stage, execute, load, sta
 # training lifecycle, quantize without the evaluation library) among them.
 STALE_AFTER_EDIT = {
     "pipeline/preferences.py": {"reward", "dpo", "ppo", "grpo", "evaluate"},  # evaluate: the reward score via online
-    "pipeline/training.py": {"base", "sft", "reward", "dpo", "ppo", "grpo", "distill", "evaluate"},
+    "pipeline/training.py": {"base", "sft", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "evaluate"},
     "pipeline/judges.py": {"collect", "ppo", "grpo", "quantize", "distill", "evaluate"},
     "pipeline/evaluation.py": {"quantize", "distill", "evaluate"},
-    "pipeline/packing.py": {"sft", "distill"},
+    "pipeline/packing.py": {"sft", "quantize", "distill"},  # quantize: QAT fine-tunes on the packed SFT data
     "pipeline/runs.py": set(),  # declared in dvcgen.NOT_DEPS: records runs, changes no output
 }
 

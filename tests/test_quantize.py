@@ -118,6 +118,66 @@ def test_every_method_runs_or_is_unsupported_none_fails_on_a_model_with_narrow_l
     assert set(unsupported) <= {"int4_weight_only"}, unsupported     # no kernel for it on a CPU without mslk
 
 
+@pytest.mark.parametrize("name", sorted(Q.INTX))
+def test_qat_fake_quantization_is_ptq_before_training_and_converts_exactly_after(tmp_path, name):
+    """The fake-quantized forward pass has the quantized model's numerics: untrained, it gives PTQ's logits
+    exactly; after a few optimizer steps, convert turns it into intx tensors (codes within the bit width) whose
+    logits equal the fake-quantized ones exactly, and differ from PTQ's (the fine-tune moved the weights)."""
+    from pipeline.models import load_causal_lm
+
+    source = save_gqa_llama(tmp_path / "fp32")
+    ids = probe_ids()
+    ptq = Q.quantize_model(name, source)
+    qat = Q.prepare_qat(name, load_causal_lm(source, dtype=torch.float32))
+    with torch.no_grad():
+        ptq_logits = ptq(input_ids=ids).logits
+        fp32_logits = load_causal_lm(source).eval()(input_ids=ids).logits
+        assert torch.equal(qat.eval()(input_ids=ids).logits, ptq_logits)
+    assert not torch.equal(ptq_logits, fp32_logits)                 # the rounding is there
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-2)
+    for _ in range(3):
+        qat.train()(input_ids=ids, labels=ids).loss.backward()        # gradients pass the rounding (straight through)
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        fake = qat.eval()(input_ids=ids).logits
+        Q.convert_qat(name, qat)
+        converted = qat(input_ids=ids).logits
+    assert torch.equal(converted, fake)
+    assert not torch.equal(converted, ptq_logits)
+    weight = qat.model.layers[0].mlp.up_proj.weight
+    bits = Q.INTX[name][0]
+    assert type(weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert -(2 ** (bits - 1)) <= int(weight.qdata.min()) and int(weight.qdata.max()) <= 2 ** (bits - 1) - 1
+
+
+def test_intx_methods_leave_gpt2_conv1d_layers_in_fp32_and_say_why(tmp_path):
+    from pipeline.models import load_causal_lm
+
+    source = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    model = load_causal_lm(source)
+    kept = Q.unfit_layers("intx_w4a8", model)
+    assert kept and all("Conv1D is not a torch.nn.Linear" in why for why in kept.values())
+    with torch.no_grad():
+        before = model(input_ids=probe_ids()).logits
+        after = Q.prepare_qat("intx_w4a8", model)(input_ids=probe_ids()).logits
+    assert torch.equal(before, after)                               # nothing was fake-quantized
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_halves_the_bytes_and_stays_close(tmp_path, name, dtype):
+    from pipeline.models import load_causal_lm
+
+    source = save_gqa_llama(tmp_path / "fp32")
+    fp32 = load_causal_lm(source).eval()
+    half = Q.quantize_model(name, source)
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    assert Q.model_bytes(half) == {k: v // 2 for k, v in Q.model_bytes(fp32).items()}
+    with torch.no_grad():
+        diff = (half(input_ids=probe_ids()).logits.float() - fp32(input_ids=probe_ids()).logits).abs().max()
+    assert 0 < diff < 0.1
+
+
 def test_sizes_by_hand_for_int8_weight_only(tmp_path):
     """A 32x32 int8 weight with one fp32 scale and zero point per row: 1024 + 32 * 4 * 2 bytes."""
     layer = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))
@@ -267,9 +327,19 @@ def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(dpo_chain, 
 
     monkeypatch.setattr(Q, "quantize_model", breaks_asym)
     results = run_stage("quantize", values={"quantize.compare": ["int8_weight_only", "int8_static", "int8_static_asym",
-                                                                 "int8_dynamic", "int4_weight_only"]})
+                                                                 "int8_dynamic", "int4_weight_only", "bf16"]})
     measured = {name: m for name, m in results.items() if "quantize/status" not in m}
-    assert {"fp32", "int8_weight_only", "int8_static", "int8_dynamic"} <= set(measured)
+    assert {"fp32", "int8_weight_only", "int8_static", "int8_dynamic", "bf16"} <= set(measured)
+    assert measured["bf16"]["size/linear_ratio"] == 0.5
+    # QAT (the smoke experiment's quantize.qat.methods): its row beside its PTQ row, compared on the same prompts.
+    qat, ptq = measured["qat_intx_w2a8"], measured["intx_w2a8"]
+    assert qat["size/linear_bytes"] == ptq["size/linear_bytes"]     # the same quantized format
+    for key in ("test/accuracy", "test/nll"):
+        low, diff, high = (qat[f"{key}_vs_ptq{s}"] for s in ("_ci_low", "", "_ci_high"))
+        assert low <= diff <= high
+    assert abs(qat["test/accuracy_vs_ptq"] - (qat["test/accuracy"] - ptq["test/accuracy"])) < 1e-3
+    assert qat["val/kl_to_fp32"] < qat["val/kl_to_fp32_before"]   # the fine-tune brought it closer to fp32
+    assert qat["qat/steps"] == 6
     saved = measured["int8_weight_only"]
     assert saved["size/linear_ratio"] <= 0.4 and saved["size/disk_bytes"] < measured["fp32"]["size/disk_bytes"]
     assert saved["quantize/roundtrip_max_abs_diff"] == 0.0
@@ -278,6 +348,7 @@ def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(dpo_chain, 
         assert metrics["speed/forward_ms"] > 0 and metrics["speed/tokens_per_second"] > 0
     report = json.loads(Path("data/quantize/report.json").read_text())
     assert report["failed"] == {"int8_static_asym": "ValueError: scale out of range"}
+    assert report["methods"]["qat_intx_w2a8"]["summary"].startswith("quantization-aware training, then int2 weights")
     assert results["int8_static_asym"] == {"quantize/status": "failed"}
     if "int4_weight_only" not in measured:
         assert "int4_weight_only" in report["unsupported"]
@@ -293,6 +364,7 @@ def test_stage_measures_every_method_saves_one_and_evaluate_reads_it(dpo_chain, 
     assert "test/kl_to_sft" in evaluated["quantize"]
     page = Path("data/evaluate/report.html").read_text()
     assert "int8_static_asym: failed: ValueError: scale out of range" in page
+    assert "PTQ vs quantization-aware training" in page and "<td>intx_w2a8</td>" in page.split("id='qat'")[1]
     # MLflow's Compare view: each method's and variant's child run carries what defines it as params.
     from mlflow.tracking import MlflowClient
 
