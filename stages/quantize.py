@@ -20,8 +20,9 @@ Steps:
    with resume, :class:`pipeline.distillation.DistillModule`; by default the loss is the KL to the fp32
    source, so the copy learns to stay the same model despite the rounding), converted to the same
    quantized tensors PTQ makes, and measured as ``qat_<method>`` beside its PTQ row ``<method>``: the
-   accuracy difference on the same prompts with its paired 95% interval (``test/accuracy_vs_ptq``), the
-   perplexity ratio, and the KL to fp32 on the val split before and after the fine-tune;
+   accuracy and the references' negative log-likelihood per token, each as a difference on the same prompts
+   with its paired 95% interval (``test/accuracy_vs_ptq``, ``test/nll_vs_ptq``), and the KL to fp32 on the
+   val split before and after the fine-tune;
 5. ``quantize.method`` is saved to ``data/quantize/`` (safetensors, its quantization config in
    ``config.json``), loaded back with ``from_pretrained`` and checked to give exactly the outputs it gave
    before saving.

@@ -11,7 +11,7 @@ import torch
 
 from conftest import copy_chain, run_stage, save_tiny_config_model, save_tiny_model
 from pipeline import quantization as Q
-from pipeline.schema import QUANT_METHODS, ConfigError
+from pipeline.schema import QAT_METHODS, QUANT_METHODS, ConfigError
 
 
 def probe_ids() -> torch.Tensor:
@@ -20,6 +20,7 @@ def probe_ids() -> torch.Tensor:
 
 def test_every_schema_method_is_described_here():
     assert set(Q.METHODS) == set(QUANT_METHODS)
+    assert set(Q.INTX) == set(QAT_METHODS)                          # the QAT-capable ones: config and code agree
 
 
 def save_gqa_llama(folder: Path) -> Path:
