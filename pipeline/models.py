@@ -122,6 +122,28 @@ def load_sequence_scorer(path: str | Path, model_cfg: DictConfig | None = None, 
     return _load(AutoModelForSequenceClassification, "a sequence scorer", path, model_cfg, num_labels=1, **kwargs)
 
 
+def load_sequence_classifier(path: str | Path, model_cfg: DictConfig | None = None, *, labels: list[str],
+                             **kwargs: Any):
+    """Load a model with a ``len(labels)``-class head (``AutoModelForSequenceClassification``, its config naming
+    the labels) from a folder or hub id, from safetensors only. A causal LM's folder gets a freshly initialized
+    head."""
+    from transformers import AutoModelForSequenceClassification
+
+    names = {i: str(name) for i, name in enumerate(labels)}
+    return _load(AutoModelForSequenceClassification, "a sequence classifier", path, model_cfg,
+                 num_labels=len(labels), id2label=names, label2id={v: k for k, v in names.items()}, **kwargs)
+
+
+def record_pad_token(folder: str | Path, pad_id: int) -> None:
+    """Write the pad token into a saved classifier's config, so ``AutoModelForSequenceClassification`` users pool
+    at the last real token as training did."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    config.pad_token_id = pad_id
+    config.save_pretrained(folder)
+
+
 def _load(auto_class, what: str, path: str | Path, model_cfg: DictConfig | None, **kwargs: Any):
     try:
         return auto_class.from_pretrained(str(path), **_load_kwargs(model_cfg), **kwargs)

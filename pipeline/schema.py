@@ -20,7 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 # committed file that never changes, so editing what that choice does not read leaves the stage up to date.
 UNREAD = "UNREAD.md"
 
-STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "evaluate")
+STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "classify",
+          "evaluate")
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo", "kto")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
@@ -179,6 +180,7 @@ class EvaluateStageConfig:
     sampled_accuracy: bool = True
     lm_eval_tasks: List[str] = field(default_factory=list)
     lm_eval_limit: Optional[int] = bounded(1, default=None)
+    guard: bool = False
 
 
 @dataclass
@@ -328,6 +330,32 @@ class DistillStageConfig(TrainingStageConfig):
     pack_length: int = bounded(8)
 
 
+# Ways to train a classification head (stages/classify.py): only the head, the peft group's adapter + head, all.
+CLASSIFY_REGIMES = ("frozen", "peft", "full")
+
+
+@dataclass
+class ClassifyStageConfig:
+    backbone: str = "sft"
+    data: Optional[str] = None
+    labels: List[str] = field(default_factory=lambda: ["harmless", "harmful"])
+    flag: str = "harmful"
+    regimes: Dict[str, float] = field(default_factory=dict)
+    regime: str = choice(*CLASSIFY_REGIMES)
+    max_steps: int = bounded(1)
+    batch_size: int = bounded(1)
+    warmup_steps: int = bounded(0)
+    weight_decay: float = bounded(0.0, 1.0)
+    max_tokens: int = bounded(2)
+    test_objects: int = bounded(1, 20)
+    val_objects: int = bounded(1, 20)
+    task_share: float = bounded(0.0, 4.0)
+    val_share: float = bounded(0.01, 0.5)
+    test_share: float = bounded(0.01, 0.5)
+    val_every_n_steps: int = bounded(1)
+    checkpoint_every_n_steps: int = bounded(1)
+
+
 @dataclass
 class JudgeConfig:
     """One schema for every judge; each ``conf/judge/*.yaml`` sets only the keys its judge reads."""
@@ -378,6 +406,7 @@ class RootConfig:
     grpo: GrpoStageConfig = field(default_factory=GrpoStageConfig)
     quantize: QuantizeStageConfig = field(default_factory=QuantizeStageConfig)
     distill: DistillStageConfig = field(default_factory=DistillStageConfig)
+    classify: ClassifyStageConfig = field(default_factory=ClassifyStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
 
 
@@ -445,6 +474,30 @@ def _dataclass_of(annotation: Any) -> type | None:
         candidate = globals().get(name)
         return candidate if is_dataclass(candidate) else None
     return annotation if is_dataclass(annotation) else None
+
+
+def _check_classify(cfg: DictConfig) -> None:
+    """The classify stage's cross-field rules: known regimes with positive rates, the saved regime among them, the
+    flagged label among distinct labels, the suite's two labels without a file (the peft regime's method is checked
+    when the stage runs: stages/classify.py)."""
+    c = cfg.classify
+    unknown = sorted(set(c.regimes) - set(CLASSIFY_REGIMES))
+    if unknown or not c.regimes:
+        raise ConfigError(f"config key 'classify.regimes' has {unknown[0] if unknown else 'no regime'!r}; valid: "
+                          f"{list(CLASSIFY_REGIMES)}, each mapped to its learning rate")
+    for regime, lr in c.regimes.items():
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            raise ConfigError(f"config key 'classify.regimes.{regime}' = {lr!r} must be a positive learning rate")
+    if c.regime not in c.regimes:
+        raise ConfigError(f"config key 'classify.regime' = {c.regime!r} is not among classify.regimes "
+                          f"{list(c.regimes)}: the saved regime must be trained")
+    if len(c.labels) < 2 or len(set(c.labels)) != len(c.labels):
+        raise ConfigError(f"config key 'classify.labels' must list at least two distinct labels, got {list(c.labels)}")
+    if c.flag not in c.labels:
+        raise ConfigError(f"config key 'classify.flag' = {c.flag!r} is not one of classify.labels {list(c.labels)}")
+    if c.data is None and sorted(c.labels) != ["harmful", "harmless"]:
+        raise ConfigError(f"config key 'classify.labels' = {list(c.labels)}: the suite's requests are labelled "
+                          "harmless and harmful; other labels need classify.data (a JSONL file of {text, label} rows)")
 
 
 def _check_rules(cfg: DictConfig) -> None:
@@ -517,6 +570,7 @@ def _check_rules(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.quantize.qat.methods) - set(QAT_METHODS))
     if unknown:
         raise ConfigError(f"config key 'quantize.qat.methods' has {unknown[0]!r}; valid: {list(QAT_METHODS)}")
+    _check_classify(cfg)
     for name in ("ppo", "grpo"):
         online = cfg[name]
         if online.minibatch_size > online.prompts_per_iteration * online.get("group_size", 1):

@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import adapters
-from pipeline.models import SOURCE_KEYS, base_reference, load_sequence_scorer, load_tokenizer
+from pipeline.models import SOURCE_KEYS, base_reference, load_sequence_scorer, load_tokenizer, record_pad_token
 from pipeline.outputs import write_json
 from pipeline.plots import write_histogram
 from pipeline.preferences import PreferenceData
@@ -172,16 +172,6 @@ def write_reward_plot(chosen: torch.Tensor, rejected: torch.Tensor, folder: Path
                     fmt=lambda x: f"{x:.3f}")
 
 
-def _record_pad_token(folder: Path, pad_id: int) -> None:
-    """Write the pad token into the saved config, so ``AutoModelForSequenceClassification`` users pool at
-    the last real token as training did."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    config.pad_token_id = pad_id
-    config.save_pretrained(folder)
-
-
 def run(ctx: Context) -> dict:
     """Train the reward model on the collected pairs into ``ctx.output``; return its metrics."""
     cfg, r = ctx.cfg, ctx.config
@@ -206,7 +196,7 @@ def run(ctx: Context) -> dict:
     adapters.save_trained(module.model, cfg.peft, tmp, backbone, cfg.model, base_reference(cfg.model, backbone),
                           load_base=load_sequence_scorer)
     tokenizer.save_pretrained(tmp)
-    _record_pad_token(tmp, tokenizer.pad_token_id)
+    record_pad_token(tmp, tokenizer.pad_token_id)
     write_json(tmp / STATS_JSON, stats)
     write_json(tmp / GATE_JSON, verdict)
     ctx.info.update(peft_method=cfg.peft.method, gate=verdict, reward_stats=stats)

@@ -61,6 +61,12 @@ def test_committed_params_yaml_equals_composition_of_conf():
     ("evaluate.variants=[sft,gpt5]", "config key 'evaluate.variants' has 'gpt5'"),
     ("quantize.qat.methods=[bnb_nf4]", "config key 'quantize.qat.methods' has 'bnb_nf4'; valid: ['intx_w8'"),
     ("quantize.qat.loss=kto", "config key 'quantize.qat.loss' = 'kto' is not allowed; valid values: ['word', 'sft']"),
+    ("+classify.regimes.linear=0.1", "config key 'classify.regimes' has 'linear'; valid: ['frozen', 'peft', 'full']"),
+    ("classify.regimes.full=-1", "config key 'classify.regimes.full' = -1.0 must be a positive learning rate"),
+    ("~classify.regimes.peft", "config key 'classify.regime' = 'peft' is not among classify.regimes ['frozen', 'full']"),
+    ("classify.flag=spam", "config key 'classify.flag' = 'spam' is not one of classify.labels"),
+    ("classify.labels=[ham,spam]", "config key 'classify.flag' = 'harmful' is not one of classify.labels ['ham', 'spam']"),
+    ("classify.max_tokens=0", "config key 'classify.max_tokens'"),
     ("peft.method=adapterx", "config key 'peft.method' = 'adapterx' is not allowed"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(override, message):
