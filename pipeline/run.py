@@ -259,7 +259,8 @@ def _hydra_main():
 
 HELP = """\
 posttrain: a pretrained causal LM through SFT, preference collection, reward model, DPO/PPO/GRPO, quantization,
-distillation and evaluation, each stage a DVC stage configured by Hydra (conf/) and recorded in MLflow.
+distillation, a guard classifier and evaluation, each stage a DVC stage configured by Hydra (conf/) and recorded in
+MLflow.
 
 usage (from the project root):
   posttrain run stage=<stage> [key=value ...]          one stage, conf/ composed by Hydra (outputs: see README)

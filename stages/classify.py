@@ -214,4 +214,5 @@ def run(ctx: Context) -> dict:
     write_regimes_plot(metrics, list(c.regimes), ctx.plots / "regimes.csv")
     ctx.info.update(regime=c.regime, labels=list(c.labels), flag=c.flag, backbone=c.backbone)
     log.info("classify: held-out accuracy %s", ", ".join(f"{r} {metrics[f'{r}/test/accuracy']:.3f}" for r in c.regimes))
-    return metrics
+    headline = {k: metrics[k] for r in c.regimes for k in (f"{r}/test/accuracy", f"{r}/test/auroc")}
+    return {**headline, **metrics}  # the console's summary shows the first few

@@ -129,6 +129,7 @@ def classified(sft_chain, tmp_path_factory):
     return workdir, metrics
 
 
+@pytest.mark.slow
 def test_the_stage_trains_three_regimes_and_saves_the_guard_that_reproduces_its_test_accuracy(classified):
     from pipeline.classification import Guard, encode, predict
 
@@ -159,6 +160,7 @@ def test_the_stage_trains_three_regimes_and_saves_the_guard_that_reproduces_its_
     assert curve and set(curve[-1]) == {"step", "frozen", "peft", "full"}
 
 
+@pytest.mark.slow
 def test_the_suite_guard_is_trained_on_other_requests_than_the_chains_test_prompts(classified):
     workdir, metrics = classified
     chain = {json.loads(line)["meta"]["key"] for split in ("val", "test")
@@ -182,6 +184,7 @@ def test_behind_the_guard_a_flagged_request_is_refused_and_counts_as_correct_onl
     assert m["test/guarded_refusal_harmful_vs_unguarded"] == 0.5
 
 
+@pytest.mark.slow
 def test_evaluate_puts_the_guard_in_front_of_each_variant(classified, tmp_path_factory):
     import os
 
@@ -206,3 +209,40 @@ def test_evaluate_puts_the_guard_in_front_of_each_variant(classified, tmp_path_f
     assert m["test/guarded_accuracy"] == pytest.approx(expected, abs=1e-4)
     report = (workdir / "data/evaluate/report.html").read_text()
     assert "Guard (classify stage) in front of each variant" in report and "refusal, harmful, guarded" in report
+
+
+@pytest.mark.slow
+def test_a_users_labelled_file_on_a_local_gpt2_folder_trains_and_a_bad_row_stops_the_stage(smoke_chain, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import save_tiny_model, subprocess_env
+
+    workdir = copy_chain(smoke_chain, tmp_path / "chain")
+    backbone = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    verbs = {"buy": "I would like to buy", "other": "Tell me about", "stop": "Please stop sending"}
+    rows = [{"text": f"{verbs[label]} the item number {i}", "label": label}
+            for i in range(40) for label in ("buy", "other", "stop")]
+    labelled = write_rows(tmp_path / "labels.jsonl", rows)
+    overrides = [f"classify.backbone={backbone}", f"classify.data={labelled}", "classify.labels=[buy,other,stop]",
+                 "classify.flag=stop", "~classify.regimes.peft", "classify.regime=full", "classify.max_steps=4",
+                 "classify.val_every_n_steps=4", "classify.checkpoint_every_n_steps=2"]
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        metrics = run_stage("classify", *overrides)
+    finally:
+        os.chdir(old)
+    assert {k.split("/")[0] for k in metrics if "/test/" in k} == {"frozen", "full"}
+    assert metrics["data/train"] + metrics["data/val"] + metrics["data/test"] == len(rows)
+    about = json.loads((workdir / "data/classify/guard.json").read_text())
+    assert about["labels"] == ["buy", "other", "stop"] and about["regime"] == "full"
+    model = load_sequence_classifier(workdir / "data/classify", labels=about["labels"])
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 3
+    # the same file with one bad row: the stage exits non-zero naming the file, line and field
+    bad = write_rows(tmp_path / "bad.jsonl", [*rows[:4], {"text": "no label here"}, *rows[4:]])
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "stage=classify", "experiment=smoke",
+                           *[o.replace(str(labelled), str(bad)) for o in overrides]],
+                          cwd=workdir, capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode != 0 and f"{bad}:5: field 'label' is missing" in proc.stderr

@@ -23,12 +23,12 @@ from pipeline.training import KILL_ENV
 
 pytestmark = pytest.mark.slow
 
-ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "evaluate"}
+ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "classify", "evaluate"}
 # Which stages read each stage's output folder directly (dvc.yaml's deps); the rest follow through them.
 READERS = {
-    "base": {"prepare", "sft", "evaluate"},
-    "prepare": {"sft", "collect", "quantize", "distill", "evaluate"},  # ppo and grpo read only prepare's prompts.jsonl
-    "sft": {"collect", "reward", "dpo", "ppo", "grpo", "evaluate"},
+    "base": {"prepare", "sft", "classify", "evaluate"},  # classify: its backbone with classify.backbone=base
+    "prepare": {"sft", "collect", "quantize", "distill", "classify", "evaluate"},  # ppo and grpo read only prepare's prompts.jsonl
+    "sft": {"collect", "reward", "dpo", "ppo", "grpo", "classify", "evaluate"},
     "collect": set(),  # reward and dpo read only its pairs.jsonl (below), not the folder
     "reward": {"ppo", "evaluate"},  # grpo too with grpo.reward=model (test_an_input_a_choice_does_not_read...)
     "dpo": {"quantize", "distill", "evaluate"},  # distill: its default teacher
@@ -36,6 +36,7 @@ READERS = {
     "grpo": {"evaluate"},
     "quantize": {"evaluate"},
     "distill": {"evaluate"},
+    "classify": {"evaluate"},  # the guard
     "evaluate": set(),
 }
 
@@ -112,6 +113,7 @@ OWN = {
     "grpo": ("stages/grpo.py", "grpo.kl_coef", 0.3),
     "quantize": ("stages/quantize.py", "quantize.latency_repeats", 3),
     "distill": ("stages/distill.py", "distill.temperature", 3.0),
+    "classify": ("stages/classify.py", "classify.task_share", 0.25),
     "evaluate": ("stages/evaluate.py", "evaluate.few_shot", 1),
 }
 
@@ -157,7 +159,7 @@ def test_shared_parameters_judges_and_labels_invalidate_what_reads_them(project)
 
     assert stale_after("seed", 7) == ALL
     assert stale_after("trainer.num_threads", 1) == ALL  # the runner sets every stage's threads (pipeline.stage)
-    assert stale_after("peft.options.r", 4) == {"sft", "reward", "dpo", "ppo", "grpo"}
+    assert stale_after("peft.options.r", 4) == {"sft", "reward", "dpo", "ppo", "grpo", "classify"}
     assert stale_after("data.verbose_share", 0.5) == {"prepare"}
     assert stale_after("model.arch.hidden_size", 32) == {"base"}
     assert stale_after("judge.batch_size", 32) == {"collect"}      # who judges is collect's business only
