@@ -214,10 +214,11 @@ def test_evaluate_puts_the_guard_in_front_of_each_variant(classified, tmp_path_f
 @pytest.mark.slow
 def test_a_users_labelled_file_on_a_local_gpt2_folder_trains_and_a_bad_row_stops_the_stage(smoke_chain, tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
 
-    from conftest import save_tiny_model, subprocess_env
+    from conftest import ROOT, save_tiny_model, subprocess_env
 
     workdir = copy_chain(smoke_chain, tmp_path / "chain")
     backbone = save_tiny_model(tmp_path / "gpt2", "gpt2")
@@ -241,6 +242,7 @@ def test_a_users_labelled_file_on_a_local_gpt2_folder_trains_and_a_bad_row_stops
     model = load_sequence_classifier(workdir / "data/classify", labels=about["labels"])
     assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 3
     # the same file with one bad row: the stage exits non-zero naming the file, line and field
+    shutil.copytree(ROOT / "conf", workdir / "conf")  # the entry point runs from a project root
     bad = write_rows(tmp_path / "bad.jsonl", [*rows[:4], {"text": "no label here"}, *rows[4:]])
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "stage=classify", "experiment=smoke",
                            *[o.replace(str(labelled), str(bad)) for o in overrides]],
