@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from conftest import copy_chain, run_stage, subprocess_env
 from pipeline.browser import browser_page, chromium_path
@@ -380,7 +381,9 @@ def test_page_shows_guidelines_markdown_confirmations_skip_undo_and_key_help_in_
             assert not page.is_visible("#help")
             page.keyboard.press("s")                                   # skip: another pair, nothing written
             page.wait_for_selector("#confirm:has-text('Skipped')")
-            page.wait_for_function(f"document.getElementById('prompt').textContent !== {json.dumps(first)}")
+            # expect() polls through Playwright's own injected script; a string predicate (wait_for_function) is
+            # evaluated with eval, which the page's Content-Security-Policy forbids (it failed once in CI)
+            expect(page.locator("#prompt")).not_to_have_text(first)
             assert not labels.exists()
             page.keyboard.press("1")
             page.wait_for_selector("#confirm:has-text('Recorded: A is better (line 1 of')")
