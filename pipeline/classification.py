@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from pipeline import suite
 from pipeline.chat import InputError, json_objects
 from pipeline.stats import rounded, with_interval
+from pipeline.tokens import pad
 from pipeline.training import StageModule, StepBatches, adamw_warmup_cosine, batches_loader
 
 SPLITS = ("train", "val", "test")
@@ -114,17 +115,6 @@ def encode(tokenizer, rows: list[Labelled], max_tokens: int) -> tuple[list[list[
     were cut."""
     ids = [tokenizer(r.text)["input_ids"] for r in rows]
     return [x[:max_tokens] for x in ids], sum(len(x) > max_tokens for x in ids)
-
-
-def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask) padded on ``side``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask
 
 
 def class_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

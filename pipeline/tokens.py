@@ -79,6 +79,17 @@ def shared_prompts(input_ids: Tensor, attention_mask: Tensor, prompt_lens: Tenso
                          response_positions, torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1), back)
 
 
+def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) padded on ``side``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
 def padded_forward(model, input_ids: Tensor, attention_mask: Tensor, **kwargs):
     """``model(...)`` on a padded batch with :func:`position_ids`, so padding changes nothing."""
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),

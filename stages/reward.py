@@ -50,6 +50,7 @@ from pipeline.rewards import (
     shared_prompt_rewards,
 )
 from pipeline.stage import Chart, Context, Input, Plot, Stage
+from pipeline.tokens import pad
 from pipeline.training import TRAINER_KEYS, StageModule, adamw_warmup_cosine, fit
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,6 @@ STAGE = Stage(
     charts=(Chart("reward model on held-out pairs (chosen vs rejected rewards)", "linear", x="reward",
                   y={"rewards.csv": ["chosen", "rejected"]}),),
 )
-
-
-def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) padded on ``side``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask
 
 
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

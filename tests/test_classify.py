@@ -12,8 +12,9 @@ import torch
 from conftest import copy_chain, run_stage, save_tiny_config_model
 from pipeline import suite
 from pipeline.chat import InputError
-from pipeline.classification import class_logits, classification_metrics, file_splits, pad, suite_splits
+from pipeline.classification import class_logits, classification_metrics, file_splits, suite_splits
 from pipeline.models import load_sequence_classifier
+from pipeline.tokens import pad
 
 LABELS = ["harmless", "harmful"]
 

@@ -14,7 +14,7 @@ from pipeline.chat import InputError
 from pipeline.models import load_sequence_scorer, load_tokenizer, render_ids
 from pipeline.preferences import read_pairs, split_pairs
 from pipeline.rewards import GateError, bradley_terry_loss, check_gate, load_reward_model, sequence_rewards
-from stages.reward import pad
+from pipeline.tokens import pad
 
 
 def test_loss_equals_a_hand_computed_value():
