@@ -187,20 +187,22 @@ def run(ctx: Context) -> dict:
     metrics: dict = {"data/train": len(ids["train"]), "data/val": len(ids["val"]), "data/test": len(ids["test"]),
                      "data/cut_to_max_tokens": cut}
     truth = torch.tensor(labels["test"])
-    correct, curves, trained = {}, {}, {}
+    groups = sorted({r.group for r in splits["test"]})  # per-slice accuracy only when there are slices
+    slices = {g: torch.tensor([r.group == g for r in splits["test"]]) for g in groups} if len(groups) > 1 else {}
+    correct, curves, guard = {}, {}, None
     for regime, lr in c.regimes.items():
         start = time.time()
         module, found = train_regime(ctx, initial, regime, float(lr), data)
         logits = predict(module.model, ids["test"], tokenizer.pad_token_id, c.batch_size)
         found.update({f"{regime}/{k}": v for k, v in classification_metrics(logits, truth).items()})
-        groups = sorted({r.group for r in splits["test"]})
-        for group in groups if len(groups) > 1 else ():
-            keep = torch.tensor([r.group == group for r in splits["test"]])
-            found[f"{regime}/test/accuracy_{group}"] = round(float((logits.argmax(-1) == truth)[keep].float().mean()), 4)
+        hits = (logits.argmax(-1) == truth).float()
+        for group, keep in slices.items():
+            found[f"{regime}/test/accuracy_{group}"] = round(float(hits[keep].mean()), 4)
         found[f"{regime}/train/seconds"] = round(time.time() - start, 1)
-        correct[regime] = (logits.argmax(-1) == truth).float().tolist()
+        correct[regime] = hits.tolist()
         curves[regime] = {h["step"]: h["val/accuracy"] for h in module.history if "val/accuracy" in h}
-        trained[regime] = module.model
+        if regime == c.regime:
+            guard = module.model  # the only trained model kept: the others are freed as the loop goes on
         metrics.update(found)
     first = next(iter(c.regimes))
     for regime in list(c.regimes)[1:]:
@@ -208,7 +210,7 @@ def run(ctx: Context) -> dict:
         metrics.update(rounded({f"{regime}/test/accuracy_vs_{first}": diff, f"{regime}/test/accuracy_vs_{first}_ci_low": low,
                                 f"{regime}/test/accuracy_vs_{first}_ci_high": high}))
     chosen = {k.removeprefix(f"{c.regime}/"): v for k, v in metrics.items() if k.startswith(f"{c.regime}/test/")}
-    save_guard(ctx, trained[c.regime], c.regime, weights, tokenizer, chosen)
+    save_guard(ctx, guard, c.regime, weights, tokenizer, chosen)
     steps = sorted({s for curve in curves.values() for s in curve})
     ctx.write_plot("val_accuracy.json", [{"step": s, **{r: curves[r][s] for r in curves if s in curves[r]}} for s in steps])
     write_regimes_plot(metrics, list(c.regimes), ctx.plots / "regimes.csv")
