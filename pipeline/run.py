@@ -259,8 +259,8 @@ def _hydra_main():
 
 HELP = """\
 posttrain: a pretrained causal LM through SFT, preference collection, reward model, DPO/PPO/GRPO, quantization,
-distillation, a guard classifier and evaluation, each stage a DVC stage configured by Hydra (conf/) and recorded in
-MLflow.
+distillation, a guard classifier, evaluation and the model registry, each stage a DVC stage configured by Hydra
+(conf/) and recorded in MLflow.
 
 usage (from the project root):
   posttrain run stage=<stage> [key=value ...]          one stage, conf/ composed by Hydra (outputs: see README)
@@ -271,6 +271,7 @@ usage (from the project root):
   posttrain ui [--port 5000]                           the MLflow UI on 127.0.0.1, opened on the runs table
   python -m pipeline.lineage <stage | run id>          the runs and data behind an output
   python -m pipeline.costs                             wall time, memory and throughput per stage
+  python -m pipeline.registry [name]                   the registered model's versions, aliases and gate verdicts
 
 stages: {stages}
 config groups (key=option): {groups}

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 UNREAD = "UNREAD.md"
 
 STAGES = ("base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "classify",
-          "evaluate")
+          "evaluate", "register")
 DPO_LOSSES = ("sigmoid", "conservative", "ipo", "hinge", "rpo", "simpo", "orpo", "kto")
 JUDGES = ("verifier", "function", "llm", "human")
 # Evaluation variants: a model plus a prompting style.
@@ -383,6 +383,22 @@ class PathsConfig:
     checkpoints: str = MISSING
 
 
+# Stages whose model register can put in the registry (each an evaluate variant of the same name).
+REGISTER_SOURCES = ("sft", "dpo", "ppo", "grpo", "quantize", "distill")
+
+
+@dataclass
+class RegisterStageConfig:
+    name: str = MISSING
+    source: str = choice(*REGISTER_SOURCES)
+    guard: bool = True
+    max_new_tokens: int = bounded(1)
+    metric: str = MISSING
+    higher_is_better: bool = True
+    min_delta: float = bounded(0.0)
+    require: Dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class RootConfig:
     stage: Optional[str] = choice(*STAGES, default=None)
@@ -408,6 +424,7 @@ class RootConfig:
     distill: DistillStageConfig = field(default_factory=DistillStageConfig)
     classify: ClassifyStageConfig = field(default_factory=ClassifyStageConfig)
     evaluate: EvaluateStageConfig = field(default_factory=EvaluateStageConfig)
+    register: RegisterStageConfig = field(default_factory=RegisterStageConfig)
 
 
 def validate(cfg: DictConfig, added_stages: list[str] | tuple[str, ...] = ()) -> DictConfig:

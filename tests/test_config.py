@@ -168,7 +168,7 @@ def test_the_posttrain_script_helps_runs_from_the_project_root_and_says_when_it_
     script = str(Path(sys.executable).parent / "posttrain")
     shown = subprocess.run([script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert shown.returncode == 0 and "posttrain run stage=<stage>" in shown.stdout
-    assert "stages: base prepare sft collect reward dpo ppo grpo quantize distill classify evaluate" in shown.stdout
+    assert "stages: base prepare sft collect reward dpo ppo grpo quantize distill classify evaluate register" in shown.stdout
     assert "judge [function, human, llm, verifier]" in shown.stdout
     composed = subprocess.run([script, "run", "stage=sft", "sft.lr=0.0042", "--cfg", "job"], cwd=ROOT,
                               capture_output=True, text=True)

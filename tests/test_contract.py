@@ -4,6 +4,7 @@ what it declares, and a new stage needs only its file and its conf group."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from pipeline.stage import ContractError, Input, Plot, Stage, execute, load, sta
 STALE_AFTER_EDIT = {
     "pipeline/preferences.py": {"reward", "dpo", "ppo", "grpo", "evaluate"},  # evaluate: the reward score via online
     "pipeline/training.py": {"base", "sft", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "classify",
-                             "evaluate"},
-    "pipeline/classification.py": {"classify", "evaluate"},  # evaluate: the guard
+                             "evaluate", "register"},  # register: the served guard's classifier module imports it
+    "pipeline/classification.py": {"classify", "evaluate", "register"},  # evaluate, register: the guard
+    "pipeline/serving.py": {"register"},  # the served model's code, logged with it
     "pipeline/judges.py": {"collect", "ppo", "grpo", "quantize", "distill", "evaluate"},
     "pipeline/evaluation.py": {"quantize", "distill", "evaluate"},
     "pipeline/packing.py": {"sft", "quantize", "distill"},  # quantize: QAT fine-tunes on the packed SFT data
@@ -40,8 +42,8 @@ def test_the_committed_dvc_yaml_is_the_rendering_of_the_contracts():
 
 def test_every_stage_declares_its_contract_and_no_stage_imports_another():
     names = stage_names()
-    assert names[:12] == ["base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill",
-                          "classify", "evaluate"]
+    assert names[:13] == ["base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill",
+                          "classify", "evaluate", "register"]
     for name in names:
         assert load(name).name == name
     found = subprocess.run(["grep", "-rn", "from stages\\|import stages", "pipeline", "stages"], cwd=ROOT,
@@ -108,6 +110,13 @@ def test_a_new_stage_runs_through_the_contract_and_renders_its_dvc_entry(smoke_c
     assert "      - data/plots/toy/sizes.json:\n          cache: false\n          x: row\n" in entry
 
 
+def lookup(params: dict, key: str):
+    """``params["a"]["b"]`` for ``key`` ``a.b`` (how DVC resolves ``${a.b}`` in dvc.yaml from params.yaml)."""
+    for part in key.split("."):
+        params = params[part]
+    return params
+
+
 def test_editing_a_shared_module_makes_exactly_the_stages_that_run_it_stale(tmp_path):
     """Real DVC: every output stands in as committed, then one module at a time is edited."""
     project = make_project(tmp_path / "project")
@@ -124,7 +133,7 @@ def test_editing_a_shared_module_makes_exactly_the_stages_that_run_it_stale(tmp_
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text("{}\n")
         for dep in stage["deps"]:
-            path = project / dep.replace("${quantize.source}", params["quantize"]["source"])
+            path = project / re.sub(r"\$\{([^}]+)\}", lambda m: str(lookup(params, m.group(1))), dep)
             if not path.exists():
                 path.write_text("{}\n")
     sh("dvc", "commit", "-f", "-q", cwd=project)

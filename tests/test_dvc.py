@@ -12,7 +12,12 @@ import os
 import random
 import re
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,8 @@ from pipeline.training import KILL_ENV
 
 pytestmark = pytest.mark.slow
 
-ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "classify", "evaluate"}
+ALL = {"base", "prepare", "sft", "collect", "reward", "dpo", "ppo", "grpo", "quantize", "distill", "classify", "evaluate",
+       "register"}
 # Which stages read each stage's output folder directly (dvc.yaml's deps); the rest follow through them.
 READERS = {
     "base": {"prepare", "sft", "classify", "evaluate"},  # classify: its backbone with classify.backbone=base
@@ -34,10 +40,11 @@ READERS = {
     "dpo": {"quantize", "distill", "evaluate"},  # distill: its default teacher
     "ppo": {"evaluate"},
     "grpo": {"evaluate"},
-    "quantize": {"evaluate"},
+    "quantize": {"evaluate", "register"},  # register: its default source
     "distill": {"evaluate"},
-    "classify": {"evaluate"},  # the guard
-    "evaluate": set(),
+    "classify": {"evaluate", "register"},  # the guard (served in front of the registered model)
+    "evaluate": {"register"},  # register: the lineage (and the gate reads data/metrics/evaluate.json)
+    "register": set(),
 }
 
 
@@ -115,6 +122,7 @@ OWN = {
     "distill": ("stages/distill.py", "distill.temperature", 3.0),
     "classify": ("stages/classify.py", "classify.task_share", 0.25),
     "evaluate": ("stages/evaluate.py", "evaluate.few_shot", 1),
+    "register": ("stages/register.py", "register.min_delta", 0.02),
 }
 
 
@@ -306,7 +314,7 @@ def test_runs_outside_dvc_leave_the_chain_up_to_date(project):
 
 def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
     out = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "evaluate.few_shot=1", cwd=project).stdout
-    assert ran(out) == {"evaluate"}
+    assert ran(out) == {"evaluate", "register"}  # register reads evaluate's output
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["evaluate"]["few_shot"] == 1 and params["base"]["max_steps"] == 30   # composed with the smoke overlay
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project).stdout)
@@ -315,8 +323,11 @@ def test_exp_run_with_set_param_reruns_only_what_it_changes(project):
                  if rev.get("data", {}).get("params")}
     assert 1 in few_shots
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project).stdout)
-    assert set(diff) == {"data/metrics/evaluate.json"}   # the only stage that ran is the only one whose metrics moved
+    assert set(diff) == {"data/metrics/evaluate.json", "data/metrics/register.json"}  # the stages that ran, only
     assert any(v["old"] != v["new"] for v in diff["data/metrics/evaluate.json"].values())
+    # the registered variant (quantize) scored the same, so the new version is a challenger
+    assert diff["data/metrics/register.json"]["version"] == {"old": 1, "new": 2, "diff": 1}
+    assert diff["data/metrics/register.json"]["gate/promoted"] == {"old": 1, "new": 0, "diff": -1}
 
 
 def test_queued_sweep_runs_each_experiment_and_plots_diff_works(project):
@@ -535,3 +546,113 @@ def test_killing_the_repro_wrapper_stops_dvc_and_its_stage_and_the_next_run_mark
     for run in left:
         again = client.get_run(run.info.run_id)
         assert again.info.status == "KILLED" and "died" in again.data.tags["posttrain.ended"]
+
+
+def store_of(project: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+
+
+def test_the_chain_registers_its_product_as_champion_with_every_stage_in_its_lineage(built):
+    project = built["project"]
+    client = store_of(project)
+    (model,) = client.search_registered_models()
+    assert model.name == "posttrain" and model.aliases == {"champion": 1}
+    version = client.get_model_version("posttrain", "1")
+    tags = version.tags
+    runs = {stage: run_json(project, stage)["run_id"] for stage in ALL}
+    assert {stage: tags.get(f"run.{stage}") for stage in ALL} == runs  # the lineage leads back to every stage's run
+    assert version.run_id == runs["register"] and tags["posttrain.source"] == "quantize"
+    assert tags["git.commit"] == built["commit"] and tags["gate.alias"] == "champion"
+    evaluation = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())["quantize"]
+    assert float(tags["metric.test/guarded_accuracy"]) == evaluation["test/guarded_accuracy"]
+    assert re.fullmatch(r"[0-9a-f]{64}", tags["dvc.lock.sha256"])  # the lock as register started (all but itself)
+    listed = sh(sys.executable, "-m", "pipeline.registry", cwd=project, env={**subprocess_env(),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"}).stdout
+    assert re.search(r"posttrain  v1  champion  quantize  test/guarded_accuracy [0-9.]+  no champion yet", listed), listed
+
+
+def test_a_stricter_gate_registers_a_challenger_once_with_its_reason(project):
+    set_param(project, "register.min_delta", 0.02)
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"register"}  # the gate alone re-decides
+    metrics = json.loads((project / "data" / "metrics" / "register.json").read_text())
+    assert metrics["version"] == 2 and metrics["gate/alias"] == "challenger" and metrics["gate/delta"] == 0
+    assert metrics["gate/reason"].endswith("needs 0.02 above, got +0")
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == set()  # nothing changed: nothing new registered
+    client = store_of(project)
+    assert len(client.search_model_versions("name='posttrain'")) == 2
+    assert client.get_registered_model("posttrain").aliases == {"champion": 1, "challenger": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_mlflow_serves_the_champion_answering_as_the_model_does_in_process(built):
+    """``mlflow models serve -m models:/posttrain@champion`` on a loopback port: the answers are the quantized
+    model's own greedy answers behind the guard, computed here without MLflow; bad requests get a 400 with the
+    reason, and the server keeps serving."""
+    from pipeline import suite
+    from pipeline.adapters import load_trained
+    from pipeline.classification import Guard
+    from pipeline.generation import generate
+    from pipeline.models import load_tokenizer
+    from pipeline.serving import chat_prompt
+
+    project = built["project"]
+    rows = [json.loads(line) for line in (project / "data" / "prepare" / "test.jsonl").read_text().splitlines()]
+    harmful = next(r for r in rows if r["meta"].get("harmful"))
+    prompts = [rows[0]["messages"][-2]["content"], rows[1]["messages"][-2]["content"], harmful["messages"][-2]["content"]]
+    folder = project / "data" / "quantize"
+    tokenizer, model = load_tokenizer(folder), load_trained(folder)
+    flagged = Guard(project / "data" / "classify").flags(prompts)
+    outs, _ = generate(model, tokenizer, [chat_prompt(tokenizer, p) for p in prompts], 80, batch_size=8)
+    expected = [suite.REFUSAL if flag else out.text for flag, out in zip(flagged, outs, strict=True)]
+
+    port = free_port()
+    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"}
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/posttrain@champion", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, server.communicate(timeout=10)[0][-3000:]
+            time.sleep(1)
+        status, body = post(port, json.dumps({"inputs": {"prompt": prompts}}).encode())
+        assert status == 200 and body["predictions"] == expected, body
+        status, body = post(port, json.dumps({"dataframe_records": [{"prompt": prompts[0]}],
+                                              "params": {"max_new_tokens": 3}}).encode())
+        assert status == 200 and len(tokenizer(body["predictions"][0], add_special_tokens=False)["input_ids"]) <= 3
+        for bad, reason in ((b'{"inputs": {"text": ["hi"]}}', "prompt"), (b"not json", "json"),
+                            (b'{"inputs": {"prompt": [" "]}}', "prompt 0 is empty"),
+                            (json.dumps({"inputs": {"prompt": ["x" * 5000]}}).encode(), "exceeds the model's context")):
+            status, body = post(port, bad)
+            assert status == 400 and reason in body.get("message", "").lower() + body.get("message", ""), (bad, body)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+            assert response.status == 200  # still serving
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
