@@ -24,6 +24,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 REQUIREMENT = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?\d+(\.\d*)?([eE]-?\d+)?)\s*$")
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 METRIC_TAG = "metric."  # version tags holding the evaluation metrics the gate compares
+OUTCOMES = "gate/outcomes.json"  # run artifact: prompt id -> the version's outcome on the gated metric
 
 
 class RequirementError(ValueError):
@@ -39,6 +40,17 @@ def parse_requirement(key: str, text) -> tuple[str, float]:
     return found.group(1), float(found.group(2))
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The version holding the ``champion`` alias: its number, the run that registered it, its evaluation metrics
+    (its ``metric.*`` tags) and its per-prompt outcomes (its run's :data:`OUTCOMES` artifact; None without one)."""
+
+    version: str
+    run_id: str
+    metrics: dict
+    outcomes: dict | None = None
+
+
 @dataclass
 class Decision:
     """The gate's verdict on a candidate: its alias, and why."""
@@ -49,6 +61,7 @@ class Decision:
     champion_version: str | None = None
     champion_value: float | None = None
     failed: list[str] = field(default_factory=list)  # the hard checks it did not pass
+    paired: tuple[float, float, float, int] | None = None  # (difference, 95% low, high, prompts) against the champion
     reason: str = ""
 
     @property
@@ -60,11 +73,34 @@ class Decision:
         return None if self.champion_value is None else round(self.value - self.champion_value, 6)
 
 
-def gate(candidate: dict, champion: tuple[str, dict] | None, metric: str, min_delta: float, higher_is_better: bool,
-         require: dict) -> Decision:
+# Metrics whose per-prompt outcome evaluate's generations.jsonl holds, so two versions compare prompt by prompt:
+# metric -> the outcome of one record (the guarded answer is the refusal when the guard flagged the request, which
+# is correct exactly when the request was harmful: stages/evaluate.guarded).
+PER_PROMPT = {
+    "test/accuracy": lambda r: float(r["correct"]),
+    "test/guarded_accuracy": lambda r: float(r["harmful"] if r.get("guard_flagged") else r["correct"]),
+}
+
+
+def outcomes(generations: list[dict], variant: str, metric: str) -> dict[str, float] | None:
+    """Prompt id -> ``variant``'s outcome on ``metric`` from evaluate's records, or None for a metric that has no
+    per-prompt outcome (:data:`PER_PROMPT`) or a variant without records."""
+    score = PER_PROMPT.get(metric)
+    rows = [r for r in generations if r.get("variant") == variant]
+    if score is None or not rows or (metric.startswith("test/guarded_") and "guard_flagged" not in rows[0]):
+        return None
+    return {str(r["id"]): score(r) for r in rows}
+
+
+def gate(candidate: dict, champion: Champion | None, metric: str, min_delta: float, higher_is_better: bool,
+         require: dict, mine: dict[str, float] | None = None, paired: bool = True) -> Decision:
     """Whether ``candidate`` (metric name -> value) becomes the champion: every hard check of ``require`` (metric ->
-    ``"<op> <number>"``) passes, and there is no champion yet or ``metric`` improves on the champion's
-    (``champion``: (version, its metrics)) by at least ``min_delta`` in the better direction."""
+    ``"<op> <number>"``) passes, and there is no champion yet or ``metric`` improves on the champion's by at least
+    ``min_delta`` in the better direction. With ``paired`` and per-prompt outcomes on both sides (``mine`` and
+    ``champion.outcomes``), the improvement is the mean paired difference over the prompts both answered, and its
+    95% bootstrap interval must also exclude zero: a gain the test set cannot tell from noise keeps the champion."""
+    from pipeline.stats import paired_difference
+
     if metric not in candidate:
         raise KeyError(metric)
     value = float(candidate[metric])
@@ -77,26 +113,41 @@ def gate(candidate: dict, champion: tuple[str, dict] | None, metric: str, min_de
             failed.append(f"{key} = {candidate[key]:g}, needs {op} {threshold:g}")
     decision = Decision(promoted=False, metric=metric, value=value, failed=failed)
     if champion is not None:
-        decision.champion_version = champion[0]
-        if metric in champion[1]:
-            decision.champion_value = float(champion[1][metric])
+        decision.champion_version = champion.version
+        if metric in champion.metrics:
+            decision.champion_value = float(champion.metrics[metric])
     if failed:
         decision.reason = "failed hard checks: " + "; ".join(failed)
         return decision
     if decision.champion_value is None:
         decision.promoted = True
         decision.reason = ("no champion yet" if champion is None else
-                           f"champion v{champion[0]} has no {metric}") + f"; {metric} = {value:g}"
+                           f"champion v{champion.version} has no {metric}") + f"; {metric} = {value:g}"
         return decision
-    gain = decision.delta if higher_is_better else -decision.delta
+    sign = 1.0 if higher_is_better else -1.0
     direction = "above" if higher_is_better else "below"
+    against = f"champion v{champion.version}'s {decision.champion_value:g}"
+    shared = sorted(set(mine or {}) & set(champion.outcomes or {}))
+    if paired and shared:
+        diff, low, high = paired_difference([mine[i] for i in shared], [champion.outcomes[i] for i in shared])
+        decision.paired = (round(diff, 6), round(low, 6), round(high, 6), len(shared))
+        gain, surely = sign * diff, (low > 0 if higher_is_better else high < 0)
+        measured = (f"{metric} = {value:g} against {against}: paired difference {diff:+.4g} [{low:+.4g}, {high:+.4g}] "
+                    f"on {len(shared)} prompts")
+        decision.promoted = gain >= min_delta and surely
+        decision.reason = measured + (f", {direction} by at least {min_delta:g} with its 95% interval excluding 0"
+                                      if decision.promoted else
+                                      f": needs {min_delta:g} {direction}" if gain < min_delta else
+                                      ": its 95% interval includes 0 (not a measurable improvement)")
+        return decision
+    by_value = "" if not paired else f" (by value: no per-prompt outcomes of {metric} on both sides)"
+    gain = sign * decision.delta
     if gain >= min_delta:
         decision.promoted = True
-        decision.reason = (f"{metric} = {value:g} is {abs(decision.delta):g} {direction} champion "
-                           f"v{champion[0]}'s {decision.champion_value:g} (min_delta {min_delta:g})")
+        decision.reason = (f"{metric} = {value:g} is {abs(decision.delta):g} {direction} {against} "
+                           f"(min_delta {min_delta:g}){by_value}")
     else:
-        decision.reason = (f"{metric} = {value:g} against champion v{champion[0]}'s {decision.champion_value:g}: "
-                           f"needs {min_delta:g} {direction}, got {gain:+g}")
+        decision.reason = f"{metric} = {value:g} against {against}: needs {min_delta:g} {direction}, got {gain:+g}{by_value}"
     return decision
 
 
@@ -124,8 +175,11 @@ def package(dest: Path, model_dir: Path, guard_dir: Path | None, max_new_tokens:
     return dest
 
 
-def champion_of(client, name: str) -> tuple[str, dict] | None:
-    """(version, its ``metric.*`` tags as numbers) of ``name``'s champion, or None."""
+def champion_of(client, name: str) -> Champion | None:
+    """``name``'s champion: its version, run, ``metric.*`` tags as numbers and per-prompt outcomes; None without one."""
+    import json
+    import tempfile
+
     from mlflow.exceptions import MlflowException
 
     try:
@@ -139,7 +193,13 @@ def champion_of(client, name: str) -> tuple[str, dict] | None:
                 metrics[key[len(METRIC_TAG):]] = float(value)
             except ValueError:
                 continue
-    return str(version.version), metrics
+    found = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            found = json.loads(Path(client.download_artifacts(version.run_id, OUTCOMES, tmp)).read_text())
+        except (MlflowException, OSError, ValueError):  # a champion registered without them
+            found = None
+    return Champion(str(version.version), version.run_id, metrics, found)
 
 
 def register_version(client, name: str, run_id: str, folder: Path, tags: dict, description: str):

@@ -396,6 +396,7 @@ class RegisterStageConfig:
     metric: str = MISSING
     higher_is_better: bool = True
     min_delta: float = bounded(0.0)
+    paired: bool = True
     require: Dict[str, str] = field(default_factory=dict)
 
 

@@ -14,11 +14,13 @@ with nothing changed skips it and registers nothing new.
    ``dvc.lock``, the source, and the source variant's evaluation metrics (``metric.<name>``);
 3. the gate (:func:`pipeline.registry.gate`): the version becomes ``champion`` when every ``register.require``
    check holds and ``register.metric`` beats the current champion's by ``register.min_delta`` (or there is no
-   champion); otherwise ``challenger``. The verdict and its reason are tags of the version and the run, and the
+   champion); with ``register.paired`` the gain is measured prompt by prompt against the champion's own answers
+   (evaluate's ``generations.jsonl``; the outcomes are an artifact of each register run) and its 95% interval must
+   exclude zero; otherwise ``challenger``. The verdict and its reason are tags of the version and the run, and the
    stage's metrics.
 
-Inputs: ``data/<register.source>``, ``data/evaluate`` (lineage), ``data/metrics/evaluate.json``, ``data/classify``
-(with ``register.guard``); ``register.*``, ``seed``.
+Inputs: ``data/<register.source>``, ``data/evaluate`` (lineage, per-prompt outcomes), ``data/metrics/evaluate.json``,
+``data/classify`` (with ``register.guard``); ``register.*``, ``seed``.
 Outputs: ``data/register/registration.json`` (name, version, alias, reason, model URI, run id),
 ``data/metrics/register.json`` (``gate/*``).
 Serve: ``mlflow models serve -m models:/posttrain@champion --env-manager local -h 127.0.0.1 -p 5001`` (README).
@@ -27,8 +29,8 @@ Run: ``python -m pipeline.run stage=register [register.min_delta=0.01]``
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 STAGE = Stage(
     name="register",
     inputs=(Input("source", "${register.source}", note="the model registered"),
-            Input("evaluate", "evaluate", note="lineage: the evaluation run and, through it, every upstream run"),
+            Input("evaluate", "evaluate", note="lineage (every upstream run) and the per-prompt outcomes the gate pairs"),
             Input("evaluation", "${paths.metrics}/evaluate.json", in_data=False,
                   note="the source variant's metrics, which the gate reads"),
             Input("classify", "classify", conditional=True, note="the guard served in front (register.guard)")),
@@ -93,7 +95,7 @@ def lineage(client, run_id: str) -> dict[str, str]:
 
 def run(ctx: Context) -> dict:
     """Package, register, gate (see the module docstring)."""
-    c, run_ = ctx.config, ctx.run
+    c, mlrun = ctx.config, ctx.run
     evaluation = read_json(ctx.input("evaluation"))
     if c.source not in evaluation:
         raise ConfigError(f"config key 'register.source' = {c.source!r} has no metrics in {ctx.input('evaluation')}: "
@@ -108,34 +110,43 @@ def run(ctx: Context) -> dict:
         if not (guard_dir / "guard.json").exists():
             raise ConfigError(f"config key 'register.guard' is true, but {guard_dir} holds no guard: run the classify "
                               "stage, or set register.guard=false")
-        ctx.digests["classify"] = run_.add_input("classify", guard_dir)["digest"]
-    client = run_.client
+        ctx.digests["classify"] = mlrun.add_input("classify", guard_dir)["digest"]
+    client = mlrun.client
+    generations = ctx.input("evaluate") / "generations.jsonl"
+    records = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()] \
+        if generations.exists() else []
+    mine = registry.outcomes(records, c.source, c.metric)
     champion = registry.champion_of(client, c.name)
-    decision = registry.gate(measured, champion, c.metric, c.min_delta, c.higher_is_better, dict(c.require))
-    root = Path(os.environ.get("DVC_ROOT", "."))
-    lock = root / "dvc.lock"
+    decision = registry.gate(measured, champion, c.metric, c.min_delta, c.higher_is_better, dict(c.require),
+                             mine, c.paired)
+    if mine is not None:  # what the next version's gate compares against, prompt by prompt
+        client.log_text(mlrun.run_id, json.dumps(mine, sort_keys=True), registry.OUTCOMES)
+    lock = Path("dvc.lock")  # the lock of the chain being run (a queued experiment runs in its own copy)
     tags = {"posttrain.source": c.source, "posttrain.guard": str(guard_dir is not None),
-            "git.commit": run_.commit, "git.dirty": str(run_.dirty),
+            "git.commit": mlrun.commit, "git.dirty": str(mlrun.dirty),
             "dvc.lock.sha256": file_digest(lock) if lock.exists() else "absent",
-            "run.register": run_.run_id, **lineage(client, run_.run_id),
+            "run.register": mlrun.run_id, **lineage(client, mlrun.run_id),
             **{f"{registry.METRIC_TAG}{k}": v for k, v in measured.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = registry.package(Path(tmp) / "model", ctx.input("source"), guard_dir, c.max_new_tokens, requirements())
-        version = registry.register_version(client, c.name, run_.run_id, folder, tags,
-                                            f"{c.source} of the chain at git {run_.commit[:10]}: {decision.reason}")
+        version = registry.register_version(client, c.name, mlrun.run_id, folder, tags,
+                                            f"{c.source} of the chain at git {mlrun.commit[:10]}: {decision.reason}")
     registry.set_alias(client, c.name, version.version, decision)
-    run_.set_tag("register.model", f"models:/{c.name}/{version.version}")
-    run_.set_tag("register.alias", decision.alias)
-    run_.set_tag("register.reason", decision.reason)
+    mlrun.set_tag("register.model", f"models:/{c.name}/{version.version}")
+    mlrun.set_tag("register.alias", decision.alias)
+    mlrun.set_tag("register.reason", decision.reason)
     write_json(ctx.output / "registration.json", {
         "name": c.name, "version": int(version.version), "alias": decision.alias, "reason": decision.reason,
-        "model_uri": f"models:/{c.name}/{version.version}", "source": c.source, "run_id": run_.run_id,
+        "model_uri": f"models:/{c.name}/{version.version}", "source": c.source, "run_id": mlrun.run_id,
         "champion_before": decision.champion_version, "failed_checks": decision.failed})
     ctx.info.update(name=c.name, version=int(version.version), alias=decision.alias)
     (log.info if decision.promoted else log.warning)("register: %s v%s is %s: %s", c.name, version.version,
                                                       decision.alias, decision.reason)
     out = {"gate/promoted": int(decision.promoted), "gate/value": decision.value, "gate/failed_checks": len(decision.failed),
            "gate/alias": decision.alias, "gate/reason": decision.reason, "version": int(version.version)}
+    if decision.paired is not None:
+        diff, low, high, n = decision.paired
+        out.update({"gate/paired_delta": diff, "gate/paired_ci_low": low, "gate/paired_ci_high": high, "gate/paired_n": n})
     if decision.champion_value is not None:
         out.update({"gate/champion_value": decision.champion_value, "gate/delta": decision.delta,
                     "gate/champion_version": int(decision.champion_version)})

@@ -578,7 +578,7 @@ def test_a_stricter_gate_registers_a_challenger_once_with_its_reason(project):
     assert ran(sh("dvc", "repro", cwd=project).stdout) == {"register"}  # the gate alone re-decides
     metrics = json.loads((project / "data" / "metrics" / "register.json").read_text())
     assert metrics["version"] == 2 and metrics["gate/alias"] == "challenger" and metrics["gate/delta"] == 0
-    assert metrics["gate/reason"].endswith("needs 0.02 above, got +0")
+    assert "paired difference +0 [+0, +0] on 60 prompts: needs 0.02 above" in metrics["gate/reason"]  # the same answers
     assert ran(sh("dvc", "repro", cwd=project).stdout) == set()  # nothing changed: nothing new registered
     client = store_of(project)
     assert len(client.search_model_versions("name='posttrain'")) == 2

@@ -18,9 +18,10 @@ from pipeline.schema import ConfigError
 # ---- the gate, as a function of the candidate's and the champion's metrics ----
 
 
-def decide(candidate: dict, champion: dict | None = None, min_delta=0.01, higher=True, require=None):
-    return registry.gate(candidate, ("3", champion) if champion is not None else None, "acc", min_delta, higher,
-                         require or {})
+def decide(candidate: dict, champion: dict | None = None, min_delta=0.01, higher=True, require=None, mine=None,
+           theirs=None, paired=True):
+    held = registry.Champion("3", "run", champion, theirs) if champion is not None else None
+    return registry.gate(candidate, held, "acc", min_delta, higher, require or {}, mine, paired)
 
 
 def test_the_first_version_that_passes_its_checks_is_champion():
@@ -36,10 +37,11 @@ def test_a_version_must_beat_the_champion_by_min_delta():
     assert better.promoted and better.delta == pytest.approx(0.02) and "above champion v3's 0.28" in better.reason
     close = decide({"acc": 0.285}, {"acc": 0.28})
     assert not close.promoted and close.champion_version == "3"
-    assert close.reason == "acc = 0.285 against champion v3's 0.28: needs 0.01 above, got +0.005"
+    assert close.reason == ("acc = 0.285 against champion v3's 0.28: needs 0.01 above, got +0.005 "
+                            "(by value: no per-prompt outcomes of acc on both sides)")
     worse = decide({"acc": 0.1}, {"acc": 0.28})
     assert not worse.promoted and "got -0.18" in worse.reason
-    equal = decide({"acc": 0.28}, {"acc": 0.28}, min_delta=0.0)
+    equal = decide({"acc": 0.28}, {"acc": 0.28}, min_delta=0.0, paired=False)
     assert equal.promoted  # min_delta 0: a version no worse than the champion takes over
 
 
@@ -51,6 +53,39 @@ def test_lower_is_better_metrics_and_hard_checks_override_the_metric():
     assert blocked.failed == ["harmless = 0.3, needs <= 0.1", "other missing"]
     with pytest.raises(KeyError):
         decide({"other": 1.0})
+
+
+def test_with_per_prompt_outcomes_a_gain_must_have_an_interval_excluding_zero():
+    """Whether a gain counts depends on how the prompts moved: 40 of 400 prompts newly right and none lost is a
+    measurable gain; 60 newly right and 50 newly wrong (+2.5 points) is noise, which only paired=False promotes."""
+    ids = [str(i) for i in range(400)]
+    theirs = {i: float(int(i) < 100) for i in ids}
+    clean = {i: float(int(i) < 140) for i in ids}  # +40 right, none lost
+    strong = decide({"acc": 0.35}, {"acc": 0.25}, mine=clean, theirs=theirs)
+    assert strong.promoted and strong.paired[0] == pytest.approx(0.1) and strong.paired[1] > 0 and strong.paired[3] == 400
+    assert "paired difference +0.1 [" in strong.reason and "with its 95% interval excluding 0" in strong.reason
+    mixed = {i: float(int(i) < 100) for i in ids}
+    for i in range(100, 160):   # 60 newly right
+        mixed[str(i)] = 1.0
+    for i in range(0, 50):      # 50 newly wrong
+        mixed[str(i)] = 0.0
+    weak = decide({"acc": 0.275}, {"acc": 0.25}, min_delta=0.0, mine=mixed, theirs=theirs)
+    assert not weak.promoted and weak.paired[1] < 0 < weak.paired[2]
+    assert weak.reason.endswith("its 95% interval includes 0 (not a measurable improvement)")
+    assert decide({"acc": 0.275}, {"acc": 0.25}, min_delta=0.0, mine=mixed, theirs=theirs, paired=False).promoted
+    assert decide({"acc": 0.35}, {"acc": 0.25}, mine=clean, theirs=None).paired is None  # a champion without outcomes
+
+
+def test_outcomes_are_read_per_variant_and_only_for_per_prompt_metrics():
+    records = [{"variant": "quantize", "id": "a", "correct": True, "harmful": False, "guard_flagged": False},
+               {"variant": "quantize", "id": "b", "correct": False, "harmful": True, "guard_flagged": True},
+               {"variant": "sft", "id": "a", "correct": False, "harmful": False, "guard_flagged": False}]
+    assert registry.outcomes(records, "quantize", "test/accuracy") == {"a": 1.0, "b": 0.0}
+    assert registry.outcomes(records, "quantize", "test/guarded_accuracy") == {"a": 1.0, "b": 1.0}  # refused: right
+    assert registry.outcomes(records, "quantize", "test/perplexity") is None
+    assert registry.outcomes(records, "dpo", "test/accuracy") is None
+    unguarded = [{k: v for k, v in r.items() if k != "guard_flagged"} for r in records]
+    assert registry.outcomes(unguarded, "quantize", "test/guarded_accuracy") is None
 
 
 @pytest.mark.parametrize("text", ["0.9", ">= high", "=> 0.9", ">= 0.9 or so", ""])
@@ -76,9 +111,12 @@ def register(**values):
 
 
 def evaluated(accuracy: float, refusal_harmless: float = 0.0) -> None:
-    """What evaluate would have written for the sft variant."""
+    """What evaluate would have written for the sft variant: its metrics, and 100 records of which the first
+    ``accuracy`` share are right (so two versions differ on exactly the prompts between their accuracies)."""
     Path("data/evaluate").mkdir(parents=True, exist_ok=True)
-    (Path("data/evaluate") / "report.md").write_text(f"accuracy {accuracy}\n")
+    right = round(accuracy * 100)
+    (Path("data/evaluate") / "generations.jsonl").write_text("".join(
+        json.dumps({"variant": "sft", "id": f"p{i}", "correct": i < right, "harmful": False}) + "\n" for i in range(100)))
     Path("data/metrics").mkdir(parents=True, exist_ok=True)
     Path("data/metrics/evaluate.json").write_text(json.dumps(
         {"sft": {"test/accuracy": accuracy, "test/refusal_harmless": refusal_harmless, "test/perplexity": 9.0}}))
@@ -103,8 +141,10 @@ def test_versions_move_champion_only_through_the_gate(registry_chain):
     evaluated(0.20)  # worse: a challenger, the champion stays
     second = register()
     assert second["version"] == 2 and second["gate/alias"] == "challenger" and second["gate/promoted"] == 0
-    assert second["gate/reason"] == "test/accuracy = 0.2 against champion v1's 0.3: needs 0.005 above, got -0.1"
+    assert second["gate/reason"].startswith("test/accuracy = 0.2 against champion v1's 0.3: paired difference -0.1 [")
+    assert second["gate/reason"].endswith("] on 100 prompts: needs 0.005 above")
     assert second["gate/delta"] == pytest.approx(-0.1) and second["gate/champion_version"] == 1
+    assert second["gate/paired_delta"] == pytest.approx(-0.1) and second["gate/paired_ci_high"] < 0
     written = json.loads(Path("data/metrics/register.json").read_text())
     assert written["gate/reason"] == second["gate/reason"]  # the reason in the stage's metrics file too
     evaluated(0.40, refusal_harmless=0.5)  # better, but fails a hard check
@@ -113,7 +153,7 @@ def test_versions_move_champion_only_through_the_gate(registry_chain):
     assert "test/refusal_harmless = 0.5, needs <= 0.1" in third["gate/reason"]
     evaluated(0.40)
     fourth = register()
-    assert fourth["gate/alias"] == "champion" and fourth["gate/champion_value"] == 0.3
+    assert fourth["gate/alias"] == "champion" and fourth["gate/champion_value"] == 0.3 and fourth["gate/paired_ci_low"] > 0
     assert str(client.get_model_version_by_alias("posttrain", "champion").version) == "4"
     assert str(client.get_model_version_by_alias("posttrain", "challenger").version) == "3"
     version = client.get_model_version("posttrain", "2")
