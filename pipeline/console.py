@@ -9,6 +9,7 @@ by the module that warns); errors, and warnings raised from this project's code,
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -24,6 +25,8 @@ DEPENDENCY_WARNINGS = (
     (r"lightning(\.|$)", r"The '\w+_dataloader' does not have many workers"),  # in-memory data: workers cost more
     (r"lightning(\.|$)", r"Checkpoint directory .* exists and is not empty"),  # resume beside the last checkpoint
     (r"lightning(\.|$)", r"You're resuming from a checkpoint that ended"),     # mid-epoch resume is exact here
+    # register's pyfunc declares a signature instead of type hints, and runs no example at save (a model load)
+    (r"mlflow(\.|$)", r".*(Add type hints to the `predict` method|An input example was not provided)"),
 )
 
 
@@ -43,6 +46,7 @@ def quiet_dependency_noise() -> None:
     if not any(isinstance(f, _DropBanners) for f in banners.filters):
         banners.addFilter(_DropBanners())
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per local artifact copy
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

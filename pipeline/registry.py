@@ -15,7 +15,6 @@ from __future__ import annotations
 import operator
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,11 +166,9 @@ def package(dest: Path, model_dir: Path, guard_dir: Path | None, max_new_tokens:
         artifacts[serving.GUARD] = str(guard_dir)
     signature = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
                                params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]))
-    with warnings.catch_warnings():  # advice for other designs: type-hinted predict, an input example to run at save
-        warnings.filterwarnings("ignore", message=".*(type hints|input example).*")
-        mlflow.pyfunc.save_model(str(dest), python_model=serving.__file__, artifacts=artifacts, signature=signature,
-                                 code_paths=[str(Path(serving.__file__).parent)], pip_requirements=requirements,
-                                 model_config={"max_new_tokens": max_new_tokens})
+    mlflow.pyfunc.save_model(str(dest), python_model=serving.__file__, artifacts=artifacts, signature=signature,
+                             code_paths=[str(Path(serving.__file__).parent)], pip_requirements=requirements,
+                             model_config={"max_new_tokens": max_new_tokens})
     return dest
 
 
