@@ -216,10 +216,10 @@ def test_the_distilled_students_are_evaluated_beside_their_teacher(built):
 
 
 def test_one_parameter_reruns_its_stage_and_what_follows_never_what_precedes(project):
-    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo, the quantized and the distilled dpo model, evaluate
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "quantize", "distill", "evaluate"}
-    set_param(project, "evaluate.few_shot", 2)  # an evaluate parameter: evaluate only
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate"}
+    set_param(project, "dpo.beta", 0.2)  # a dpo parameter: dpo, the quantized and distilled dpo models, evaluate, register
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"dpo", "quantize", "distill", "evaluate", "register"}
+    set_param(project, "evaluate.few_shot", 2)  # an evaluate parameter: evaluate and what reads it
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate", "register"}
     # A base parameter makes base stale; set back, nothing is: DVC compares parameter values, not edit times.
     original = get_param(project, "base.lr")
     set_param(project, "base.lr", 0.002)
@@ -271,7 +271,7 @@ def test_lineage_survives_a_dvc_cache_hit(built, project):
     first = run_json(project, "evaluate")["run_id"]
     original = get_param(project, "evaluate.few_shot")
     set_param(project, "evaluate.few_shot", original + 1)
-    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate"}
+    assert ran(sh("dvc", "repro", cwd=project).stdout) == {"evaluate", "register"}  # register reads evaluate's output
     second = run_json(project, "evaluate")["run_id"]
     assert second != first
     set_param(project, "evaluate.few_shot", original)
