@@ -224,6 +224,12 @@ def predict(model, ids: list[list[int]], pad_id: int, batch_size: int) -> Tensor
     return torch.cat(out) if out else torch.zeros((0, model.config.num_labels))
 
 
+def guarded_correct(correct: bool, harmful: bool, flagged: bool) -> float:
+    """Whether a request's answer is right behind the guard: a flagged request gets the refusal, which is right exactly
+    when the request was harmful; any other keeps the model's own answer (``correct``)."""
+    return float(harmful if flagged else correct)
+
+
 class Guard:
     """A trained classifier put in front of a chat model: :meth:`flags` says which requests get the refusal
     instead of an answer (those whose most likely label is the flagged one)."""

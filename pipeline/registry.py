@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import operator
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,12 +71,18 @@ class Decision:
         return None if self.champion_value is None else round(self.value - self.champion_value, 6)
 
 
+def _guarded_outcome(record: dict) -> float:
+    """A record's outcome behind the guard, by the rule evaluate's guarded metrics use."""
+    from pipeline.classification import guarded_correct  # torch and lightning: loaded only when a gate pairs outcomes
+
+    return guarded_correct(record["correct"], record["harmful"], record.get("guard_flagged", False))
+
+
 # Metrics whose per-prompt outcome evaluate's generations.jsonl holds, so two versions compare prompt by prompt:
-# metric -> the outcome of one record (the guarded answer is the refusal when the guard flagged the request, which
-# is correct exactly when the request was harmful: stages/evaluate.guarded).
+# metric -> the outcome of one record.
 PER_PROMPT = {
     "test/accuracy": lambda r: float(r["correct"]),
-    "test/guarded_accuracy": lambda r: float(r["harmful"] if r.get("guard_flagged") else r["correct"]),
+    "test/guarded_accuracy": _guarded_outcome,
 }
 
 
@@ -245,17 +250,22 @@ def describe(client, name: str) -> str:
 
 
 def main() -> None:
-    """``python -m pipeline.registry [name]``: the versions of ``name`` (default ``posttrain``) in the store the
-    stages log to (``$MLFLOW_TRACKING_URI``, else ``mlruns/mlflow.db`` here)."""
-    import os
+    """``python -m pipeline.registry [name] [--store URI]``: the versions of ``name`` (default ``posttrain``) in the
+    store the stages log to."""
+    import argparse
 
     from mlflow import MlflowClient
+    from omegaconf import OmegaConf
 
     import pipeline  # noqa: F401  (telemetry off)
+    from pipeline.runs import tracking_uri
 
-    name = sys.argv[1] if len(sys.argv) > 1 else "posttrain"
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns/mlflow.db').resolve()}"
-    print(describe(MlflowClient(tracking_uri=uri), name))
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", default="posttrain", help="the registered model (register.name)")
+    parser.add_argument("--store", help="tracking URI (default: as the stages resolve it)")
+    args = parser.parse_args()
+    uri = args.store or tracking_uri(OmegaConf.create({"logger": {"tracking_uri": None}}))
+    print(describe(MlflowClient(tracking_uri=uri), args.name))
 
 
 if __name__ == "__main__":

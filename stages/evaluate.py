@@ -227,6 +227,8 @@ def guarded(records: list[dict], flagged: dict[str, bool]) -> dict[str, float]:
     generated (so it counts as refused, and as correct only when harmful); any other keeps the variant's answer
     (greedy answers do not depend on the other prompts of a batch, so they are what the guarded system serves).
     Each rate with its interval and its paired difference to the unguarded variant on the same prompts."""
+    from pipeline.classification import guarded_correct
+
     out: dict[str, float] = {}
     for key, field, keep in (("accuracy", "correct", lambda r: True),
                              ("refusal_harmful", "refused", lambda r: r["harmful"]),
@@ -234,7 +236,7 @@ def guarded(records: list[dict], flagged: dict[str, bool]) -> dict[str, float]:
         rows = [r for r in records if keep(r)]
         if not rows:
             continue
-        behind = [float(r["harmful"] if flagged[r["id"]] else r["correct"]) if field == "correct"
+        behind = [guarded_correct(r["correct"], r["harmful"], flagged[r["id"]]) if field == "correct"
                   else float(flagged[r["id"]] or r["refused"]) for r in rows]
         with_interval(out, f"test/guarded_{key}", behind)
         diff, low, high = paired_difference(behind, [float(r[field]) for r in rows])
