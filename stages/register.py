@@ -38,6 +38,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline import registry
+from pipeline.chat import json_objects
 from pipeline.outputs import file_digest, read_json, write_json
 from pipeline.schema import ConfigError
 from pipeline.stage import Context, Input, Stage
@@ -113,8 +114,7 @@ def run(ctx: Context) -> dict:
         ctx.digests["classify"] = mlrun.add_input("classify", guard_dir)["digest"]
     client = mlrun.client
     generations = ctx.input("evaluate") / "generations.jsonl"
-    records = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()] \
-        if generations.exists() else []
+    records = [row for _, row in json_objects(generations, "evaluate's records")] if generations.exists() else []
     mine = registry.outcomes(records, c.source, c.metric)
     champion = registry.champion_of(client, c.name)
     decision = registry.gate(measured, champion, c.metric, c.min_delta, c.higher_is_better, dict(c.require),
